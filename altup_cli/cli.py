@@ -1,0 +1,137 @@
+"""The `altup` command line: thin Typer wrappers around plain functions."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import typer
+
+from altup_cli.errors import UserError
+
+app = typer.Typer(
+    name="altup",
+    help="Train, grow, sweep and evaluate AltUp / PEER / growth language models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+
+TRAIN_EXAMPLES = """
+Hydra overrides select config groups (`model=tiny`) and set keys (`trainer.max_steps=200`).
+
+**Examples**
+
+* `altup train` — the quickstart: nano model, Shakespeare, 300 steps on CPU.
+
+* `altup train model=tiny trainer.max_steps=200 data=text data.path=my.txt`
+
+* `altup train --recipe tiny-bible logger=csv`
+
+* `altup train --dry-run model=base trainer=ddp` — print the config and run dir only.
+
+* `altup train --resume auto` — continue the newest run of the same name.
+
+* `altup train --resume outputs/2026-11-22/10-00-00_quickstart trainer.max_steps=600`
+
+Groups: model (nano tiny mini small base), data (shakespeare bible wiki text hf),
+tokenizer (bpe gpt2 file), trainer (default ddp ddp_cpu fsdp), logger (wandb csv).
+"""
+
+
+@app.callback()
+def _root() -> None:
+    """altup: an experiment runner for efficient-transformer research."""
+
+
+@app.command(help=TRAIN_EXAMPLES, no_args_is_help=False)
+def train(
+    overrides: list[str] = typer.Argument(
+        None, help="Hydra overrides, e.g. model=tiny trainer.max_steps=200"
+    ),
+    recipe: str | None = typer.Option(
+        None, "--recipe", "-r", help="A named experiment from recipes/."
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the composed config and run directory; create nothing."
+    ),
+    resume: str | None = typer.Option(
+        None, "--resume", help="'auto' or a run directory / .ckpt to continue."
+    ),
+) -> None:
+    """Train a language model."""
+    from omegaconf import OmegaConf
+
+    from altup_cli.config import compose_config, validate
+    from altup_cli.training import run
+
+    overrides = list(overrides or [])
+    cfg = compose_config(overrides, recipe)
+    ckpt: Path | None = None
+    if resume:
+        s = validate(cfg)
+        ckpt = run.find_resume_checkpoint(resume, s)
+        if ckpt is None:
+            run.say(f"--resume auto: no earlier run named {s.run.name!r}; starting a new one")
+        else:
+            cfg = run.resumed_config(ckpt, [o for o in overrides if not o.startswith("hydra.")])
+    settings = validate(cfg)
+    if dry_run:
+        print(OmegaConf.to_yaml(cfg), end="")
+        target = ckpt.parent.parent if ckpt is not None else run.new_run_dir(settings)
+        print(f"# run directory: {target}")
+        return
+    run.train(cfg, settings, overrides, ckpt, argv=sys.argv)
+
+
+@app.command()
+def recipes() -> None:
+    """List the named experiments in recipes/."""
+    from altup_cli.config import list_recipes, recipes_dir
+
+    for name in list_recipes():
+        first = (recipes_dir() / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
+        print(f"{name:24s} {first}")
+
+
+@app.command(
+    help="""Measure training-step time and peak memory side by side in one run.
+
+Prints ratios (Lightning step vs a bare PyTorch loop on the same model and batch).
+
+**Examples**
+
+* `altup bench` — nano, tiny and mini presets on this machine's device.
+
+* `altup bench --models tiny,mini --steps 30 --repeats 3`
+"""
+)
+def bench(
+    models: str = typer.Option("tiny,mini", help="Comma-separated model presets."),
+    steps: int = typer.Option(20, help="Timed optimizer steps per measurement."),
+    warmup: int = typer.Option(5, help="Untimed steps before each measurement."),
+    repeats: int = typer.Option(3, help="Alternating repetitions; the median is reported."),
+    batch_size: int = typer.Option(16, help="Sequences per step."),
+    seq_len: int = typer.Option(256, help="Tokens per sequence."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """Benchmark training-step throughput."""
+    from altup_cli.benchmark import run_benchmark
+
+    presets = [m.strip() for m in models.split(",") if m.strip()]
+    run_benchmark(presets, steps, warmup, repeats, batch_size, seq_len, device)
+
+
+def main() -> None:
+    os.environ.setdefault("WANDB_MODE", "offline")
+    try:
+        app()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Corpora, tokenizers and packed token sequences (no Lightning here but the DataModule)."""

@@ -1,0 +1,97 @@
+"""Saving and loading models without pickled code: safetensors weights + a JSON config.
+
+`load` accepts a run directory, an export directory, a `.safetensors` file or a Lightning
+`.ckpt` (read with `weights_only=True`), and returns the model and its `ModelConfig`.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from altup_cli.errors import UserError
+from altup_cli.models.transformer import ModelConfig, TransformerLM
+
+EXPORT_FORMAT = "altup-export"
+
+
+def save_export(
+    model: TransformerLM, out_dir: Path, tokenizer_path: Path | None = None, **extra: Any
+) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(out_dir / "model.safetensors"))  # de-duplicates tied weights
+    meta = {"format": EXPORT_FORMAT, "version": 1, "model": model.config.to_dict(), **extra}
+    (out_dir / "config.json").write_text(json.dumps(meta, indent=2))
+    if tokenizer_path is not None:
+        shutil.copyfile(tokenizer_path, out_dir / "tokenizer.json")
+    return out_dir
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A Lightning checkpoint written by altup, loaded without executing pickled code."""
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot read checkpoint {path}: {first}") from None
+    if not isinstance(ckpt, dict) or "altup" not in ckpt or "state_dict" not in ckpt:
+        raise UserError(f"{path} is not an altup checkpoint (no altup metadata)")
+    return ckpt
+
+
+def _resolve(path: Path) -> Path:
+    if path.is_dir() and (path / "export" / "config.json").is_file():
+        return path / "export"
+    if path.is_dir() and (path / "checkpoints" / "last.ckpt").is_file():
+        return path / "checkpoints" / "last.ckpt"
+    if path.suffix == ".safetensors":
+        return path.parent
+    return path
+
+
+def load(path: str | Path) -> tuple[TransformerLM, ModelConfig]:
+    """Load a saved model (run dir, export dir, .safetensors or .ckpt) in eval mode."""
+    target = _resolve(Path(path).expanduser())
+    if target.suffix == ".ckpt":
+        ckpt = read_checkpoint(target)
+        config = ModelConfig.from_dict(ckpt["altup"]["model"])
+        model = TransformerLM(config)
+        state = {
+            k.removeprefix("model."): v
+            for k, v in ckpt["state_dict"].items()
+            if k.startswith("model.")
+        }
+        model.load_state_dict(state)
+        return model.eval(), config
+    config_file = target / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{path}: no altup export, run directory or checkpoint there")
+    meta = json.loads(config_file.read_text())
+    if meta.get("format") != EXPORT_FORMAT:
+        raise UserError(f"{config_file} is not an altup export")
+    config = ModelConfig.from_dict(meta["model"])
+    model = TransformerLM(config)
+    load_model(model, str(target / "model.safetensors"))
+    return model.eval(), config
+
+
+def load_tokenizer(path: str | Path):  # -> tokenizers.Tokenizer
+    """The tokenizer saved beside an export (run dir or export dir)."""
+    from tokenizers import Tokenizer
+
+    target = _resolve(Path(path).expanduser())
+    file = (
+        target.parent.parent / "export" if target.suffix == ".ckpt" else target
+    ) / "tokenizer.json"
+    if not file.is_file():
+        raise UserError(f"{path}: no tokenizer.json saved there")
+    return Tokenizer.from_file(str(file))

@@ -1,0 +1,194 @@
+"""Decoder-only causal language model: pre-norm, RMSNorm, rotary attention, pluggable FFN.
+
+Every shape that function-preserving growth changes is an independent field of
+`ModelConfig`: residual width, layers, heads, query/key dim per head, value dim per head
+and MLP width. The model reads top to bottom: RMSNorm, Rotary, Attention, Block,
+TransformerLM. `TransformerLM.run_blocks` is the seam a wrapper (AltUp) uses to run one
+block of a wider stream through each layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from altup_cli.models.feedforward import build_feedforward
+
+
+@dataclass
+class ModelConfig:
+    """The single source of a model's shape. `None` head dims default to d_model // n_heads."""
+
+    vocab_size: int = 8192
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    head_dim: int | None = None  # query/key dim per head
+    v_head_dim: int | None = None  # value dim per head
+    d_ff: int = 512
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    ffn: str = "dense"
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if (self.head_dim is None or self.v_head_dim is None) and self.d_model % self.n_heads:
+            raise ValueError(
+                f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model} "
+                "(set model.head_dim and model.v_head_dim explicitly to decouple them)"
+            )
+        if self.head_dim is None:
+            self.head_dim = self.d_model // self.n_heads
+        if self.v_head_dim is None:
+            self.v_head_dim = self.d_model // self.n_heads
+        if self.head_dim % 2:
+            raise ValueError(
+                f"model.head_dim must be even for rotary embeddings, got {self.head_dim}"
+            )
+        if self.norm_eps <= 0 or self.init_std <= 0 or self.rope_theta <= 0:
+            raise ValueError("model.norm_eps, model.init_std and model.rope_theta must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown model config key(s): {', '.join(unknown)}")
+        return cls(**values)
+
+
+class RMSNorm(nn.Module):
+    """y = x / rms(x) · gain. No mean subtraction, so zero-padding the width is exact."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).type_as(x)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding with a *stored* inverse-frequency table.
+
+    The table is a persistent buffer so growing the query/key dim can append frequencies
+    without changing the existing ones (recomputing from the new head dim would).
+    """
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=True)
+
+    def cos_sin(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = torch.arange(seq_len, device=device, dtype=torch.float32)
+        angles = torch.outer(positions, self.inv_freq.to(device))
+        return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (x[2i], x[2i+1]) by position·inv_freq[i]; x is (B, H, T, D)."""
+    x32 = x.float().unflatten(-1, (-1, 2))
+    x1, x2 = x32[..., 0], x32[..., 1]
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    """Multi-head causal self-attention with separate query/key and value head dims."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim, self.v_head_dim = cfg.n_heads, cfg.head_dim, cfg.v_head_dim
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_heads * cfg.v_head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(batch, seq, self.n_heads, self.v_head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(y.transpose(1, 2).reshape(batch, seq, self.n_heads * self.v_head_dim))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer layer: x + attn(norm(x)), then + ffn(norm(x)). Width in = out."""
+
+    def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = build_feedforward(cfg, layer_index)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class TransformerLM(nn.Module):
+    """Token ids (B, T) → next-token logits (B, T, vocab)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def reset_parameters(self) -> None:
+        """GPT-2 style: N(0, init_std), output projections scaled by 1/sqrt(2·layers)."""
+        std = self.config.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                scale = std / math.sqrt(2 * self.config.n_layers) if _is_output_proj(name) else std
+                nn.init.normal_(module.weight, mean=0.0, std=scale)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def run_blocks(self, h: torch.Tensor) -> torch.Tensor:
+        cos, sin = self.rotary.cos_sin(h.shape[1], h.device)
+        for block in self.blocks:
+            h = block(h, cos, sin)
+        return h
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        if idx.shape[1] > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence length {idx.shape[1]} exceeds max_seq_len {self.config.max_seq_len}"
+            )
+        h = self.run_blocks(self.embed(idx))
+        return self.lm_head(self.final_norm(h))
+
+    def num_parameters(self) -> int:
+        """Unique trainable parameters (a tied embedding counts once)."""
+        return sum(p.numel() for p in self.parameters())
+
+
+def _is_output_proj(name: str) -> bool:
+    return name.endswith("attn.wo") or name.endswith("ffn.w2")

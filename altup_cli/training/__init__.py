@@ -1,0 +1,1 @@
+"""Lightning training around the plain-PyTorch models."""

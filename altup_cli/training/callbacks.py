@@ -1,0 +1,63 @@
+"""Callbacks: plain progress lines for non-terminals, and the run's own token/s accounting."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import lightning as L
+import torch
+
+log = logging.getLogger("altup")
+
+
+class TrainingStats(L.Callback):
+    """Tokens seen and tokens/s over training steps only (validation time excluded)."""
+
+    def __init__(self, tokens_per_micro_batch: int) -> None:
+        self.tokens_per_micro_batch = tokens_per_micro_batch
+        self.tokens = 0
+        self.step_seconds = 0.0
+        self.last_train_loss: float | None = None
+        self._t0 = 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, *_: Any) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *_: Any
+    ) -> None:
+        self.step_seconds += time.perf_counter() - self._t0
+        self.tokens += self.tokens_per_micro_batch * trainer.world_size
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            self.last_train_loss = float(loss.detach())
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.step_seconds if self.step_seconds else 0.0
+
+
+class LineProgress(L.Callback):
+    """One log line every `every` steps, for logs that are not a terminal (CI, SLURM)."""
+
+    def __init__(self, every: int, stats: TrainingStats) -> None:
+        self.every, self.stats = every, stats
+
+    def on_train_batch_end(self, trainer: L.Trainer, *_: Any) -> None:
+        step = trainer.global_step
+        if trainer.is_global_zero and step % self.every == 0 and step > 0:
+            metrics = trainer.callback_metrics
+            loss = metrics.get("train/loss")
+            lr = trainer.optimizers[0].param_groups[0]["lr"]
+            text = f"step {step}/{trainer.max_steps}"
+            if loss is not None:
+                text += f"  loss {float(loss):.4f}"
+            text += f"  lr {lr:.2e}  {self.stats.tokens_per_second:,.0f} tok/s"
+            log.info(text)
+
+    def on_validation_end(self, trainer: L.Trainer, *_: Any) -> None:
+        val = trainer.callback_metrics.get("val/loss")
+        if trainer.is_global_zero and val is not None and not trainer.sanity_checking:
+            log.info(f"step {trainer.global_step}: val/loss {float(val):.4f}")
