@@ -76,7 +76,7 @@ def train(
         if ckpt is None:
             run.say(f"--resume auto: no earlier run named {s.run.name!r}; starting a new one")
         else:
-            cfg = run.resumed_config(ckpt, [o for o in overrides if not o.startswith("hydra.")])
+            cfg = run.resumed_config(ckpt, overrides, cfg)
     settings = validate(cfg)
     if dry_run:
         print(OmegaConf.to_yaml(cfg), end="")
@@ -92,8 +92,11 @@ def recipes() -> None:
     from altup_cli.config import list_recipes, recipes_dir
 
     for name in list_recipes():
-        first = (recipes_dir() / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
-        print(f"{name:24s} {first}")
+        lines = (recipes_dir() / f"{name}.yaml").read_text().splitlines()
+        about = next(
+            (ln.lstrip("# ") for ln in lines if ln.startswith("# ") and "@package" not in ln), ""
+        )
+        print(f"{name:24s} {about}")
 
 
 @app.command(

@@ -93,6 +93,7 @@ class OptimSettings:
     lr: float
     min_lr_ratio: float
     warmup_steps: int
+    schedule_steps: int | None
     weight_decay: float
     beta1: float
     beta2: float
@@ -290,6 +291,11 @@ def _check_values(s: Settings) -> None:
         s.tokenizer.kind != "file" or bool(s.tokenizer.path),
         "tokenizer.path is required with tokenizer=file",
     )
+    tok_path = s.tokenizer.path
+    if s.tokenizer.kind == "file" and tok_path and tok_path != "gpt2":
+        _require(
+            Path(tok_path).expanduser().exists(), f"tokenizer.path: {tok_path!r} does not exist"
+        )
     _require(d.seq_len > 0, f"data.seq_len must be positive, got {d.seq_len}")
     _require(d.batch_size > 0, f"data.batch_size must be positive, got {d.batch_size}")
     _require(0 <= d.val_fraction < 1, f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
@@ -311,6 +317,9 @@ def _check_values(s: Settings) -> None:
     _require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
     _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]")
     _require(o.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
+    _require(
+        o.schedule_steps is None or o.schedule_steps > 0, "optim.schedule_steps must be positive"
+    )
     _require(
         o.weight_decay >= 0 and o.grad_clip >= 0,
         "optim.weight_decay and optim.grad_clip must be >= 0",

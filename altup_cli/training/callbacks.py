@@ -61,3 +61,21 @@ class LineProgress(L.Callback):
         val = trainer.callback_metrics.get("val/loss")
         if trainer.is_global_zero and val is not None and not trainer.sanity_checking:
             log.info(f"step {trainer.global_step}: val/loss {float(val):.4f}")
+
+
+class ValidateAtEnd(L.Callback):
+    """Validate (and so checkpoint) after the final step even when `val_check_interval`
+    does not divide `max_steps`: asking the loop to stop makes Lightning validate first."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, *_: Any) -> None:
+        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+            trainer.should_stop = True
+
+
+class AlignLogStepOnResume(L.Callback):
+    """A checkpoint written by mid-epoch validation stores the logging step counter one
+    behind `global_step` (Lightning bumps it after validation), so resumed metrics would
+    be logged one step early. Realign it with the optimizer step count."""
+
+    def on_train_start(self, trainer: L.Trainer, *_: Any) -> None:
+        trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step

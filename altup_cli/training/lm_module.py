@@ -77,7 +77,8 @@ class LanguageModelModule(L.LightningModule):
             self.log("val/ppl", torch.exp(val_loss), sync_dist=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        o, total = self.run_config["optim"], self.run_config["trainer"]["max_steps"]
+        o = self.run_config["optim"]
+        total = o.get("schedule_steps") or self.run_config["trainer"]["max_steps"]
         optimizer = torch.optim.AdamW(
             param_groups(self.model, o["weight_decay"]),
             lr=o["lr"],

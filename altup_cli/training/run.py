@@ -12,9 +12,11 @@ import json
 import logging
 import os
 import platform
+import secrets
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -32,7 +34,12 @@ from altup_cli.data.tokens import TokenStream, epochs_covered, tokenize_corpus
 from altup_cli.errors import UserError
 from altup_cli.export import read_checkpoint, save_export
 from altup_cli.models.counting import parameter_counts, training_flops_per_token
-from altup_cli.training.callbacks import LineProgress, TrainingStats
+from altup_cli.training.callbacks import (
+    AlignLogStepOnResume,
+    LineProgress,
+    TrainingStats,
+    ValidateAtEnd,
+)
 from altup_cli.training.datamodule import PackedTextDataModule
 from altup_cli.training.lm_module import LanguageModelModule
 
@@ -132,18 +139,28 @@ def find_resume_checkpoint(resume: str, s: Settings) -> Path | None:
     return path
 
 
-def resumed_config(ckpt_path: Path, overrides: list[str]) -> DictConfig:
-    """The checkpoint's own config with `key=value` overrides on top (e.g. more steps)."""
+def resumed_config(ckpt_path: Path, overrides: list[str], composed: DictConfig) -> DictConfig:
+    """The checkpoint's own config with `key.sub=value` overrides on top (e.g. more steps).
+
+    Group selections (`model=tiny`) cannot change a resumed run: each one must give the
+    same section as the checkpoint has (so the original command line works with --resume).
+    """
     ckpt = read_checkpoint(ckpt_path)
     cfg = OmegaConf.create(ckpt["altup"]["config"])
     OmegaConf.set_struct(cfg, True)
-    for item in overrides:
-        if "=" not in item or item.split("=", 1)[0].split(".")[0] not in cfg:
-            raise UserError(f"--resume takes key=value overrides of existing keys, got {item!r}")
+    dotted = [o for o in overrides if "=" in o and "." in o.split("=", 1)[0]]
     try:
-        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+        merged = OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotted))
     except Exception as err:  # omegaconf's errors are many; all mean a bad override
         raise UserError(f"--resume override: {str(err).splitlines()[0]}") from None
+    for item in overrides:
+        key = item.split("=", 1)[0].lstrip("+~")
+        if "." not in key and key in merged and merged[key] != composed.get(key):
+            raise UserError(
+                f"--resume: {item} differs from the checkpoint's {key}; "
+                "a resumed run keeps its config groups"
+            )
+    return merged
 
 
 def _write_run_files(
@@ -237,6 +254,18 @@ def _logger(s: Settings, run_dir: Path, wandb_id: str | None) -> Any:
     return False
 
 
+def _quiet_expected_warnings() -> None:
+    """Lightning warnings that do not apply here: our loader resumes by global step, and a
+    resumed run writes into its own checkpoint directory."""
+    for pattern in (
+        ".*your dataloader is not resumable.*",
+        ".*Checkpoint directory .* exists and is not empty.*",
+        ".*isinstance\\(treespec, LeafSpec\\).*",
+        ".*The anonymous setting has no effect.*",
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def build_trainer(s: Settings, run_dir: Path, stats: TrainingStats, logger: Any) -> L.Trainer:
     from lightning.pytorch.callbacks import (
         LearningRateMonitor,
@@ -245,9 +274,12 @@ def build_trainer(s: Settings, run_dir: Path, stats: TrainingStats, logger: Any)
         ThroughputMonitor,
     )
 
+    _quiet_expected_warnings()
     t = s.trainer
     callbacks: list[L.Callback] = [
         stats,
+        ValidateAtEnd(),
+        AlignLogStepOnResume(),
         ModelCheckpoint(
             dirpath=run_dir / "checkpoints",
             filename="best",
@@ -260,6 +292,7 @@ def build_trainer(s: Settings, run_dir: Path, stats: TrainingStats, logger: Any)
         ThroughputMonitor(
             batch_size_fn=lambda batch: batch.shape[0],
             length_fn=lambda batch: batch.shape[0] * (batch.shape[1] - 1),
+            window_size=max(2, min(100, t.max_steps // 2)),  # rates appear once it is full
         ),
     ]
     if logger:
@@ -351,9 +384,7 @@ def _fit(
     meta = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
     wandb_id = meta.get("wandb_id") if resume_ckpt else None
     if s.logger.kind == "wandb" and not wandb_id:
-        from wandb.util import generate_id
-
-        wandb_id = generate_id()
+        wandb_id = "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(8))
         if rank == 0:
             _set_status(run_dir, "running", wandb_id=wandb_id)
     trainer = build_trainer(s, run_dir, stats, _logger(s, run_dir, wandb_id))

@@ -1,0 +1,147 @@
+"""End to end: a real (tiny) training run, its run directory, W&B, export and resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import altup_cli
+from altup_cli.export import read_checkpoint
+from tests.conftest import tiny_overrides
+from tests.wandb_records import history
+
+
+def _run_dir(outputs: Path) -> Path:
+    runs = sorted(p for p in outputs.glob("*/*") if p.is_dir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def _csv_losses(run_dir: Path) -> dict[int, float]:
+    """Training loss by step over every session of a run (a resume adds a CSV version)."""
+    losses: dict[int, float] = {}
+    for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
+        for row in csv.DictReader(path.read_text().splitlines()):
+            if row.get("train/loss"):
+                assert int(row["step"]) not in losses, "a step was trained twice"
+                losses[int(row["step"])] = float(row["train/loss"])
+    return losses
+
+
+def test_train_writes_a_complete_run_directory(
+    altup, corpus_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    outputs = tmp_path / "outputs"
+    result = altup("train", *tiny_overrides(corpus_dir, cache_dir, outputs), "logger=wandb")
+    assert result.code == 0, result.stderr
+    run = _run_dir(outputs)
+
+    config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+    assert config["model"]["d_model"] == 32 and config["trainer"]["max_steps"] == 6
+    assert "model.d_model=32" in yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text())
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["status"] == "completed" and meta["name"] == "t"
+    assert (run / "train.log").read_text().count("step ") >= 6
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 6 and metrics["tokens_seen"] == 6 * 4 * 32
+    assert metrics["val_loss"] is not None and metrics["tokens_per_second"] > 0
+
+    # Checkpoints load without pickled code and carry the config.
+    last = read_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 6 and last["altup"]["config"]["run"]["name"] == "t"
+    assert (run / "checkpoints" / "best.ckpt").is_file()
+
+    # The export reproduces the trained model exactly.
+    model, model_cfg = altup_cli.load(run)
+    from_ckpt, _ = altup_cli.load(run / "checkpoints" / "last.ckpt")
+    tokenizer = altup_cli.load_tokenizer(run)
+    ids = torch.tensor([tokenizer.encode("The old king speaks of the sea").ids])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), from_ckpt(ids), rtol=0, atol=0)
+    assert model_cfg.vocab_size == 320  # 300 rounded up to a multiple of 64
+    weights = load_file(run / "export" / "model.safetensors")
+    assert torch.equal(weights["embed.weight"], last["state_dict"]["model.embed.weight"])
+
+    # W&B really logged, offline, into the run directory.
+    wandb_file = next(run.glob("wandb/offline-run-*/run-*.wandb"))
+    assert meta["wandb_id"] in wandb_file.name
+    rows = history(wandb_file)
+    losses = [r["train/loss"] for r in rows if "train/loss" in r]
+    assert len(losses) == 6 and losses[-1] == pytest.approx(metrics["train_loss"], rel=1e-6)
+    assert any("val/loss" in r for r in rows)
+    assert any("train/device/items_per_sec" in r for r in rows)  # tokens/s
+
+
+def test_resume_reproduces_the_uninterrupted_run(
+    altup, corpus_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    tiny = tiny_overrides(corpus_dir, cache_dir, tmp_path / "unused")
+    base = [*tiny, "logger=csv", "optim.schedule_steps=8"]
+
+    full_out = tmp_path / "full"
+    assert altup("train", *base, "trainer.max_steps=8", f"run.output_dir={full_out}").code == 0
+    full = _run_dir(full_out)
+
+    part_out = tmp_path / "part"
+    assert altup("train", *base, "trainer.max_steps=4", f"run.output_dir={part_out}").code == 0
+    part = _run_dir(part_out)
+    assert read_checkpoint(part / "checkpoints" / "last.ckpt")["global_step"] == 4
+    result = altup("train", "--resume", str(part), "trainer.max_steps=8")
+    assert result.code == 0, result.stderr
+
+    full_losses, resumed_losses = _csv_losses(full), _csv_losses(part)
+    assert sorted(resumed_losses) == sorted(full_losses) == list(range(8))
+    for step in range(8):
+        assert resumed_losses[step] == full_losses[step], step  # bit-identical on CPU
+    a = load_file(full / "export" / "model.safetensors")
+    b = load_file(part / "export" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    meta = json.loads((part / "run.json").read_text())
+    assert meta["status"] == "completed" and len(meta["starts"]) == 2
+
+
+def test_resume_auto_picks_the_newest_run_of_that_name(
+    altup, corpus_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    outputs = tmp_path / "outputs"
+    args = [*tiny_overrides(corpus_dir, cache_dir, outputs, steps=3), "logger=none"]
+    assert altup("train", *args).code == 0
+    run = _run_dir(outputs)
+    result = altup("train", "--resume", "auto", *args, "trainer.max_steps=5")
+    assert result.code == 0, result.stderr
+    assert _run_dir(outputs) == run
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 5
+
+
+def test_ddp_on_two_cpu_processes_equals_one_process_with_twice_the_batch(
+    corpus_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    """DDP averages gradients over ranks, and rank r takes half r of each global batch, so
+    2 processes × batch 4 must train the same weights as 1 process × batch 8."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    common = [*tiny_overrides(corpus_dir, cache_dir, tmp_path, steps=4), "logger=csv"]
+
+    def run(name: str, *extra: str) -> Path:
+        cmd = [sys.executable, "-m", "altup_cli.cli", "train", *common, f"run.name={name}", *extra]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return next(tmp_path.glob(f"*/*_{name}"))
+
+    ddp = run("ddp", "trainer=ddp_cpu")
+    single = run("single", "data.batch_size=8")
+    metrics = json.loads((ddp / "metrics.json").read_text())
+    assert metrics["tokens_seen"] == 4 * 2 * 4 * 32
+    a = load_file(ddp / "export" / "model.safetensors")
+    b = load_file(single / "export" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
