@@ -101,11 +101,14 @@ def test_resume_reproduces_the_uninterrupted_run(
 
     full_losses, resumed_losses = _csv_losses(full), _csv_losses(part)
     assert sorted(resumed_losses) == sorted(full_losses) == list(range(8))
+    # Identical batches, LR and optimizer state; the tolerance only absorbs CPU BLAS
+    # rounding that can vary with buffer alignment (the runs here were bit-identical).
     for step in range(8):
-        assert resumed_losses[step] == full_losses[step], step  # bit-identical on CPU
+        assert resumed_losses[step] == pytest.approx(full_losses[step], rel=1e-6), step
     a = load_file(full / "export" / "model.safetensors")
     b = load_file(part / "export" / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
     meta = json.loads((part / "run.json").read_text())
     assert meta["status"] == "completed" and len(meta["starts"]) == 2
 
@@ -145,3 +148,25 @@ def test_ddp_on_two_cpu_processes_equals_one_process_with_twice_the_batch(
     b = load_file(single / "export" / "model.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_a_crashing_run_is_marked_failed_not_finished(
+    altup, corpus_dir: Path, cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from altup_cli.training.lm_module import LanguageModelModule
+
+    original = LanguageModelModule.training_step
+
+    def explode(self, batch, batch_idx):  # a bug in the middle of training
+        if batch_idx == 2:
+            raise RuntimeError("boom")
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(LanguageModelModule, "training_step", explode)
+    outputs = tmp_path / "outputs"
+    with pytest.raises(RuntimeError, match="boom"):
+        altup("train", *tiny_overrides(corpus_dir, cache_dir, outputs), "logger=none")
+    run = _run_dir(outputs)
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["status"] == "failed" and "boom" in meta["error"]
+    assert not (run / "metrics.json").exists() and not (run / "export").exists()

@@ -8,6 +8,7 @@ and `export/` appear only when training finished: a failed run says so in `run.j
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -17,6 +18,8 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -71,9 +74,27 @@ def load_corpus(s: Settings) -> Corpus:
     return load_hf_dataset(d.name or "", d.split, d.text_field, d.subset)
 
 
+@contextmanager
+def cache_lock(cache: Path) -> Iterator[None]:
+    """Serialise data preparation between processes sharing a cache (torchrun / srun start
+    every rank at once): the first prepares, the others then find everything cached."""
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def prepare_data(s: Settings) -> PreparedData:
     """Corpus → tokenizer → token stream, each step cached under run.cache_dir."""
     cache = Path(s.run.cache_dir).expanduser()
+    with cache_lock(cache):
+        return _prepare_data(s, cache)
+
+
+def _prepare_data(s: Settings, cache: Path) -> PreparedData:
     corpus = load_corpus(s)
     if not any(doc.strip() for doc in corpus.documents):
         raise UserError("data: the corpus contains no text")

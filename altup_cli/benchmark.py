@@ -1,0 +1,285 @@
+"""`altup bench`: training-step time and peak memory, Lightning vs a bare PyTorch loop.
+
+Both paths train the same model from the same initial weights on the same batches with the
+same optimizer, schedule and clipping; the bare loop is the reference. Measurements
+alternate between the two (A B, B A, …) and the median is reported, since a shared machine
+drifts. On CPU, peak memory is the peak resident set size above the level before the
+measurement (Linux `/proc/self/clear_refs` resets the peak); on CUDA it is the allocator's
+peak.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from rich.console import Console
+
+from altup_cli.config import conf_dir
+from altup_cli.console import console
+from altup_cli.models.counting import parameter_counts
+from altup_cli.models.transformer import ModelConfig, TransformerLM
+from altup_cli.training.lm_module import (
+    LanguageModelModule,
+    lm_loss,
+    param_groups,
+    warmup_cosine,
+)
+
+OPTIM = {
+    "lr": 1e-3,
+    "min_lr_ratio": 0.1,
+    "warmup_steps": 2,
+    "schedule_steps": None,
+    "weight_decay": 0.1,
+    "beta1": 0.9,
+    "beta2": 0.95,
+    "eps": 1e-8,
+    "grad_clip": 1.0,
+}
+
+
+@dataclass
+class Measurement:
+    seconds_per_step: float
+    peak_bytes: int
+    losses: list[float]
+
+
+def preset_config(name: str, vocab_size: int = 8192, seq_len: int = 256) -> ModelConfig:
+    path = conf_dir() / "model" / f"{name}.yaml"
+    if not path.is_file():
+        from altup_cli.errors import UserError
+
+        known = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
+        raise UserError(f"unknown model preset {name!r} (known: {known})")
+    values: dict[str, Any] = OmegaConf.to_container(OmegaConf.load(path))  # type: ignore[assignment]
+    values.update(vocab_size=vocab_size, max_seq_len=max(seq_len, values["max_seq_len"]))
+    return ModelConfig.from_dict(values)
+
+
+class _PeakMemory:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+            self.base = _proc_status("VmRSS")
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated() - self.base
+        return max(0, _proc_status("VmHWM") - self.base)
+
+
+def _proc_status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bare_loop(
+    cfg: ModelConfig, batches: list[torch.Tensor], warmup: int, device: torch.device
+) -> Measurement:
+    """The reference: forward, backward, clip, AdamW step, schedule step; nothing else."""
+    torch.manual_seed(0)
+    model = TransformerLM(cfg).to(device)
+    o, total = OPTIM, len(batches)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, o["weight_decay"]),
+        lr=o["lr"],
+        betas=(o["beta1"], o["beta2"]),
+        eps=o["eps"],
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, o["warmup_steps"], total, o["min_lr_ratio"])
+    )
+    memory, losses, start = _PeakMemory(device), [], 0.0
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    for step, batch in enumerate(batches):
+        if step == warmup:
+            memory.start()
+            _sync(device)
+            start = time.perf_counter()
+        batch = batch.to(device, non_blocking=True)
+        with autocast:
+            loss = lm_loss(model(batch[:, :-1]), batch[:, 1:])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o["grad_clip"])
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    return Measurement(elapsed / (len(batches) - warmup), memory.peak(), losses)
+
+
+def lightning_loop(
+    cfg: ModelConfig, batches: list[torch.Tensor], warmup: int, device: torch.device
+) -> Measurement:
+    """The same training through `LanguageModelModule` and `lightning.Trainer`."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    memory = _PeakMemory(device)
+    times: dict[str, float] = {}
+    losses: list[float] = []
+
+    class Clock(L.Callback):
+        def on_train_batch_start(self, trainer: L.Trainer, *_: Any) -> None:
+            if trainer.global_step == warmup:
+                memory.start()
+                _sync(device)
+                times["start"] = time.perf_counter()
+
+        def on_train_batch_end(
+            self, trainer: L.Trainer, module: Any, outputs: Any, *_: Any
+        ) -> None:
+            losses.append(float(outputs["loss"]))
+            if trainer.global_step == len(batches):
+                _sync(device)
+                times["end"] = time.perf_counter()
+
+    run_config = {
+        "run": {"compile": False},
+        "data": {"seq_len": batches[0].shape[1] - 1, "batch_size": batches[0].shape[0]},
+        "optim": OPTIM,
+        "trainer": {"max_steps": len(batches)},
+    }
+    torch.manual_seed(0)
+    module = LanguageModelModule(run_config, cfg.to_dict())
+    trainer = L.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        precision="bf16-mixed" if device.type == "cuda" else "32-true",
+        max_steps=len(batches),
+        gradient_clip_val=OPTIM["grad_clip"],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[Clock()],
+    )
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+    seconds = (times["end"] - times["start"]) / (len(batches) - warmup)
+    return Measurement(seconds, memory.peak(), losses)
+
+
+def _alternate(
+    loops: dict[str, Callable[..., Measurement]], repeats: int, *args: Any
+) -> dict[str, list[Measurement]]:
+    """Run each loop `repeats` times, alternating the order (A B, B A, …)."""
+    results: dict[str, list[Measurement]] = {name: [] for name in loops}
+    names = list(loops)
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else reversed(names):
+            results[name].append(loops[name](*args))
+    return results
+
+
+def run_benchmark(
+    presets: list[str],
+    steps: int,
+    warmup: int,
+    repeats: int,
+    batch_size: int,
+    seq_len: int,
+    device_name: str,
+) -> list[dict[str, Any]]:
+    import logging
+    import warnings
+
+    from rich.table import Table
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_name)
+    rows = []
+    for preset in presets:
+        cfg = preset_config(preset, seq_len=seq_len)
+        g = torch.Generator().manual_seed(1)
+        batches = [
+            torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1), generator=g)
+            for _ in range(warmup + steps)
+        ]
+        console.print(
+            f"[dim]{preset}: {repeats} × (bare, lightning) × {warmup}+{steps} steps[/dim]"
+        )
+        loops = {"bare": bare_loop, "lightning": lightning_loop}
+        results = _alternate(loops, repeats, cfg, batches, warmup, device)
+        bare = statistics.median(m.seconds_per_step for m in results["bare"])
+        lit = statistics.median(m.seconds_per_step for m in results["lightning"])
+        bare_mem = statistics.median(m.peak_bytes for m in results["bare"])
+        lit_mem = statistics.median(m.peak_bytes for m in results["lightning"])
+        # Same math, but CPU BLAS kernels may round differently with buffer alignment.
+        loss_gap = max(
+            abs(a - b)
+            for a, b in zip(results["bare"][0].losses, results["lightning"][0].losses, strict=True)
+        )
+        rows.append(
+            {
+                "preset": preset,
+                "parameters": parameter_counts(cfg)["total"],
+                "bare_ms": bare * 1e3,
+                "lightning_ms": lit * 1e3,
+                "time_ratio": lit / bare,
+                "bare_peak_mib": bare_mem / 2**20,
+                "lightning_peak_mib": lit_mem / 2**20,
+                "memory_ratio": lit_mem / bare_mem if bare_mem else float("nan"),
+                "tokens_per_s": batch_size * seq_len / lit,
+                "max_loss_gap": loss_gap,
+            }
+        )
+    title = f"Lightning step vs bare PyTorch loop — {device}, batch {batch_size}×{seq_len}"
+    table = Table(title=title)
+    for col in (
+        "preset",
+        "params",
+        "bare ms/step",
+        "Lightning ms/step",
+        "time ratio",
+        "bare peak MiB",
+        "Lightning peak MiB",
+        "mem ratio",
+        "tok/s",
+        "max |Δloss|",
+    ):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(
+            r["preset"],
+            f"{r['parameters']:,}",
+            f"{r['bare_ms']:.1f}",
+            f"{r['lightning_ms']:.1f}",
+            f"{r['time_ratio']:.3f}",
+            f"{r['bare_peak_mib']:.0f}",
+            f"{r['lightning_peak_mib']:.0f}",
+            f"{r['memory_ratio']:.2f}",
+            f"{r['tokens_per_s']:,.0f}",
+            f"{r['max_loss_gap']:.1e}",
+        )
+    Console(width=max(console.width, 150)).print(table)
+    return rows
