@@ -34,8 +34,9 @@ def save_export(
     return out_dir
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """A Lightning checkpoint written by altup, loaded without executing pickled code."""
+    path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:

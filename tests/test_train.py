@@ -59,6 +59,7 @@ def test_train_writes_a_complete_run_directory(
     # Checkpoints load without pickled code and carry the config.
     last = read_checkpoint(run / "checkpoints" / "last.ckpt")
     assert last["global_step"] == 6 and last["altup"]["config"]["run"]["name"] == "t"
+    assert all(key.startswith("model.") for key in last["state_dict"])  # no aliased copies
     assert (run / "checkpoints" / "best.ckpt").is_file()
 
     # The export reproduces the trained model exactly.
