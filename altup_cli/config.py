@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from altup_cli.errors import UserError
+from altup_cli.models.altup import AltUpConfig
 from altup_cli.models.transformer import ModelConfig
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -156,9 +157,10 @@ class Settings:
     trainer: TrainerSettings
     logger: LoggerSettings
     model: dict[str, Any]  # checked into ModelConfig once the vocabulary size is known
+    altup: AltUpConfig
 
     def model_config(self, vocab_size: int) -> ModelConfig:
-        values = dict(self.model)
+        values = {**self.model, "altup": self.altup}
         if values.get("vocab_size") is None:
             values["vocab_size"] = -(-vocab_size // 64) * 64
         elif values["vocab_size"] < vocab_size:
@@ -215,7 +217,10 @@ def _section(cls: type, values: Any, name: str) -> Any:
     missing = [n for n in names if n not in values]
     if missing:
         raise UserError(f"{name}: missing key(s) {', '.join(missing)}")
-    return cls(**{n: _check_type(values[n], hints[n], f"{name}.{n}") for n in names})
+    try:
+        return cls(**{n: _check_type(values[n], hints[n], f"{name}.{n}") for n in names})
+    except ValueError as err:  # a dataclass's own invariants
+        raise UserError(str(err)) from None
 
 
 def _check_model_types(values: dict[str, Any]) -> None:
@@ -245,7 +250,7 @@ def validate(cfg: DictConfig) -> Settings:
     assert isinstance(raw, dict)
     raw.pop("hydra", None)
     raw.pop("recipes", None)
-    expected = {"run", "optim", "data", "tokenizer", "trainer", "logger", "model"}
+    expected = {"run", "optim", "data", "tokenizer", "trainer", "logger", "model", "altup"}
     unknown = sorted(set(raw) - expected)
     _require(not unknown, f"config: unknown top-level key(s) {', '.join(unknown)}")
     _check_model_types(raw["model"])
@@ -257,6 +262,7 @@ def validate(cfg: DictConfig) -> Settings:
         trainer=_section(TrainerSettings, raw["trainer"], "trainer"),
         logger=_section(LoggerSettings, raw["logger"], "logger"),
         model=raw["model"],
+        altup=_section(AltUpConfig, raw["altup"], "altup"),
     )
     _check_values(s)
     return s

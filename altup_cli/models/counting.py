@@ -15,13 +15,14 @@ from altup_cli.models.transformer import ModelConfig
 
 def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
     """Trainable parameters per component; `total` counts a tied embedding once."""
-    d, heads = cfg.d_model, cfg.n_heads
+    d, heads, a = cfg.d_model, cfg.n_heads, cfg.altup
     attention = d * heads * (2 * cfg.head_dim + cfg.v_head_dim) + heads * cfg.v_head_dim * d
     counts = {
-        "embedding": cfg.vocab_size * d,
+        "embedding": cfg.vocab_size * d * (a.K if a.mode == "altup" else 1),
         "attention": cfg.n_layers * attention,
         "mlp": cfg.n_layers * 2 * d * cfg.d_ff,
         "norms": (2 * cfg.n_layers + 1) * d,
+        "altup": cfg.n_layers * _altup_scalars_per_layer(cfg) + _readout_matrix(cfg),
         "lm_head": 0 if cfg.tie_embeddings else cfg.vocab_size * d,
     }
     counts["total"] = sum(counts.values())
@@ -29,20 +30,40 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
     return counts
 
 
+def _altup_scalars_per_layer(cfg: ModelConfig) -> int:
+    mode, K = cfg.altup.mode, cfg.altup.K
+    if mode in ("altup", "recycled"):
+        return K * K + K  # predictor P and corrector g
+    return 3 if mode == "sequence" else 0  # (α, β) and γ
+
+
+def _readout_matrix(cfg: ModelConfig) -> int:
+    a = cfg.altup
+    return a.K * cfg.d_model * cfg.d_model if a.blocks > 1 and a.readout == "concat" else 0
+
+
 def forward_flops_per_token(
     cfg: ModelConfig, seq_len: int, causal: bool = False
 ) -> dict[str, float]:
-    """Forward FLOPs per token for sequences of length `seq_len`, per component."""
-    d, heads = cfg.d_model, cfg.n_heads
-    context = (seq_len + 1) / 2 if causal else seq_len
-    projections = (
-        2 * d * heads * (2 * cfg.head_dim + cfg.v_head_dim) + 2 * heads * cfg.v_head_dim * d
-    )
+    """Forward FLOPs per token for sequences of length `seq_len`, per component.
+
+    Sequence-AltUp and stride-and-skip run each layer on ⌈T/k⌉ anchors only, so the layer
+    cost per token shrinks by anchors/T and attention spans the anchors.
+    """
+    d, heads, a = cfg.d_model, cfg.n_heads, cfg.altup
+    processed, span = 1.0, seq_len
+    if a.mode in ("sequence", "stride_skip"):
+        span = -(-seq_len // a.stride)
+        processed = span / seq_len
+    context = (span + 1) / 2 if causal else span
+    projections = 2 * d * heads * (2 * cfg.head_dim + cfg.v_head_dim) + 2 * heads * cfg.v_head_dim * d
     scores = 2 * context * heads * (cfg.head_dim + cfg.v_head_dim)  # Q·Kᵀ and P·V
+    predict = 2 * a.K * a.K * d if a.mode in ("altup", "recycled") else 0  # x̂ = P·x
     flops = {
         "embedding": 0.0,
-        "attention": float(cfg.n_layers * (projections + scores)),
-        "mlp": float(cfg.n_layers * 4 * d * cfg.d_ff),
+        "attention": float(cfg.n_layers * (projections + scores) * processed),
+        "mlp": float(cfg.n_layers * 4 * d * cfg.d_ff * processed),
+        "altup": float(cfg.n_layers * predict + 2 * _readout_matrix(cfg)),
         "lm_head": float(2 * d * cfg.vocab_size),
     }
     flops["total"] = sum(flops.values())

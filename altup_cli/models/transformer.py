@@ -10,13 +10,14 @@ block of a wider stream through each layer.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from altup_cli.models.altup import AltUpConfig, Readout, widen, wrap_layer
 from altup_cli.models.feedforward import build_feedforward
 
 
@@ -37,8 +38,11 @@ class ModelConfig:
     tie_embeddings: bool = True
     ffn: str = "dense"
     init_std: float = 0.02
+    altup: AltUpConfig = field(default_factory=AltUpConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.altup, dict):
+            self.altup = AltUpConfig(**self.altup)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
@@ -67,6 +71,12 @@ class ModelConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown model config key(s): {', '.join(unknown)}")
+        altup = values.get("altup")
+        if isinstance(altup, dict):
+            altup_known = {f.name for f in fields(AltUpConfig)}
+            if set(altup) - altup_known:
+                raise ValueError(f"unknown altup key(s): {', '.join(sorted(set(altup) - altup_known))}")
+            values = {**values, "altup": AltUpConfig(**altup)}
         return cls(**values)
 
 
@@ -147,18 +157,30 @@ class Block(nn.Module):
 
 
 class TransformerLM(nn.Module):
-    """Token ids (B, T) → next-token logits (B, T, vocab)."""
+    """Token ids (B, T) → next-token logits (B, T, vocab).
+
+    With AltUp the stream is (B, T, K, d) between the embedding and the readout; with a
+    K·d-wide AltUp embedding, a tied LM head uses the table's first block (V × d).
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        wide = cfg.altup.mode == "altup"
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model * (cfg.altup.K if wide else 1))
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(
+            wrap_layer(cfg.altup, Block(cfg, i), i) for i in range(cfg.n_layers)
+        )
+        self.readout = (
+            Readout(cfg.altup.readout, cfg.altup.K, cfg.d_model) if cfg.altup.blocks > 1 else None
+        )
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head_from_embedding = cfg.tie_embeddings and wide
+        if not self.head_from_embedding:
+            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.reset_parameters()
-        if cfg.tie_embeddings:
+        if cfg.tie_embeddings and not wide:
             self.lm_head.weight = self.embed.weight
 
     def reset_parameters(self) -> None:
@@ -182,8 +204,16 @@ class TransformerLM(nn.Module):
             raise ValueError(
                 f"sequence length {idx.shape[1]} exceeds max_seq_len {self.config.max_seq_len}"
             )
-        h = self.run_blocks(self.embed(idx))
-        return self.lm_head(self.final_norm(h))
+        h = self.embed(idx)
+        if self.readout is not None:
+            h = widen(self.config.altup, h, self.config.d_model)
+        h = self.run_blocks(h)
+        if self.readout is not None:
+            h = self.readout(h)
+        h = self.final_norm(h)
+        if self.head_from_embedding:
+            return F.linear(h, self.embed.weight[:, : self.config.d_model])
+        return self.lm_head(h)
 
     def num_parameters(self) -> int:
         """Unique trainable parameters (a tied embedding counts once)."""

@@ -1,0 +1,170 @@
+"""Alternating Updates (Baykal et al., NeurIPS 2023) around an ordinary layer stack.
+
+AltUp / Recycled-AltUp: the token representation is K blocks of width d, shape
+(B, T, K, d). Each layer ℓ (§3, Alg. 1):
+  predict  x̂ⁱ = Σⱼ P[i, j] xʲ                         (K×K trainable scalars)
+  compute  ỹ  = L(input), input = x^{j*} (paper) or x̂^{j*} (Gemma 3n)
+  correct  yⁱ = x̂ⁱ + g[i] · (ỹ − x̂^{j*})              (K trainable scalars)
+j* is the layer's activated block, stored as a buffer so growth can insert layers without
+renumbering. Sequence-AltUp applies the same trick along the sequence: the layer runs on
+every k-th token (anchors) and the other tokens are predicted and corrected from their
+anchor; stride-and-skip is the baseline where skipped tokens pass through.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+MODES = ("off", "altup", "recycled", "sequence", "stride_skip")
+SCHEDULES = ("alternating", "same")
+LAYER_INPUTS = ("original", "predicted")
+READOUTS = ("sum", "mean", "first", "concat")
+
+
+@dataclass
+class AltUpConfig:
+    """`off`: the plain model. `altup`: a V×(K·d) embedding. `recycled`: the width-d
+    embedding replicated K times. `sequence` / `stride_skip`: anchors every `stride` tokens."""
+
+    mode: str = "off"
+    K: int = 2
+    schedule: str = "alternating"
+    layer_input: str = "original"
+    readout: str = "sum"
+    stride: int = 2
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.mode in MODES, f"altup.mode must be one of {', '.join(MODES)}, got {self.mode!r}"),
+            (self.K >= 1, f"altup.K must be >= 1, got {self.K}"),
+            (self.stride >= 1, f"altup.stride must be >= 1, got {self.stride}"),
+            (self.schedule in SCHEDULES, f"altup.schedule must be alternating or same, got {self.schedule!r}"),
+            (self.layer_input in LAYER_INPUTS, f"altup.layer_input must be original or predicted, got {self.layer_input!r}"),
+            (self.readout in READOUTS, f"altup.readout must be one of {', '.join(READOUTS)}, got {self.readout!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def blocks(self) -> int:
+        """Width of the stream in blocks of d: K for (recycled) AltUp, else 1."""
+        return self.K if self.mode in ("altup", "recycled") else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _scalar(value: torch.Tensor) -> nn.Parameter:
+    """An AltUp scalar parameter: fp32 and never weight-decayed."""
+    param = nn.Parameter(value.float())
+    param._no_weight_decay = True  # type: ignore[attr-defined]
+    return param
+
+
+class AltUpLayer(nn.Module):
+    """Predict → compute the wrapped layer on the activated block → correct."""
+
+    def __init__(self, layer: nn.Module, K: int, active_block: int, layer_input: str) -> None:
+        super().__init__()
+        self.layer, self.K, self.layer_input = layer, K, layer_input
+        self.predictor = _scalar(torch.eye(K))  # identity init: x̂ = x
+        self.corrector = _scalar(torch.ones(K))
+        self.register_buffer("active_block", torch.tensor([active_block]), persistent=True)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """x̂ⁱ = Σⱼ P[i, j] xʲ over the block axis of x (..., K, d), in fp32."""
+        return torch.matmul(self.predictor, x.float())
+
+    def correct(self, predicted: torch.Tensor, layer_in: torch.Tensor, layer_out: torch.Tensor) -> torch.Tensor:
+        """yⁱ = x̂ⁱ + g[i]·(ỹ − x̂^{j*}), the innovation formed as (in − x̂^{j*}) + (ỹ − in) in
+        fp32: the layer's residual delta is small next to the stream (spec, Numerics)."""
+        pred_active = predicted.index_select(-2, self.active_block).squeeze(-2)
+        innovation = (layer_in.float() - pred_active) + (layer_out.float() - layer_in.float())
+        return predicted + self.corrector[:, None] * innovation.unsqueeze(-2)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            predicted = self.predict(x)
+        source = x if self.layer_input == "original" else predicted.type_as(x)
+        layer_in = source.index_select(-2, self.active_block).squeeze(-2)
+        layer_out = self.layer(layer_in, cos, sin)
+        with torch.autocast(x.device.type, enabled=False):
+            return self.correct(predicted, layer_in, layer_out).type_as(x)
+
+
+class SequenceAltUpLayer(nn.Module):
+    """The layer runs on anchors (tokens 0, k, 2k, …) at their original rotary positions.
+
+    `sequence`: every token t with anchor a = ⌊t/k⌋·k ≤ t (causal) is predicted as
+    x̂_t = α·x_t + β·x_a and corrected with the anchor's innovation: y_t = x̂_t + γ·(ỹ_a − x̂_a).
+    `stride_skip`: anchors take ỹ_a, the other tokens pass through unchanged.
+    """
+
+    def __init__(self, layer: nn.Module, stride: int, skip_only: bool) -> None:
+        super().__init__()
+        self.layer, self.stride, self.skip_only = layer, stride, skip_only
+        if not skip_only:
+            self.predictor = _scalar(torch.tensor([1.0, 0.0]))  # (α, β): x̂_t = x_t
+            self.corrector = _scalar(torch.tensor(1.0))  # γ
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        k, T = self.stride, x.shape[1]
+        anchors = x[:, ::k]
+        anchor_out = self.layer(anchors, cos[::k], sin[::k])
+        if self.skip_only:
+            out = x.clone()
+            out[:, ::k] = anchor_out
+            return out
+        with torch.autocast(x.device.type, enabled=False):
+            alpha, beta = self.predictor[0], self.predictor[1]
+            of_anchor = torch.arange(T, device=x.device) // k  # anchor index of each token
+            x32, a32 = x.float(), anchors.float()
+            predicted = alpha * x32 + beta * a32.index_select(1, of_anchor)
+            pred_anchor = (alpha + beta) * a32
+            innovation = (anchors.float() - pred_anchor) + (anchor_out.float() - anchors.float())
+            out = predicted + self.corrector * innovation.index_select(1, of_anchor)
+        return out.type_as(x)
+
+
+def active_block(cfg: AltUpConfig, layer_index: int) -> int:
+    return layer_index % cfg.K if cfg.schedule == "alternating" else 0
+
+
+def wrap_layer(cfg: AltUpConfig, layer: nn.Module, layer_index: int) -> nn.Module:
+    """The layer as the configured AltUp variant runs it (unchanged when AltUp is off)."""
+    if cfg.mode in ("altup", "recycled"):
+        return AltUpLayer(layer, cfg.K, active_block(cfg, layer_index), cfg.layer_input)
+    if cfg.mode in ("sequence", "stride_skip"):
+        return SequenceAltUpLayer(layer, cfg.stride, skip_only=cfg.mode == "stride_skip")
+    return layer
+
+
+class Readout(nn.Module):
+    """K blocks (B, T, K, d) → one (B, T, d) before the final norm and LM head."""
+
+    def __init__(self, kind: str, K: int, d_model: int) -> None:
+        super().__init__()
+        self.kind = kind
+        if kind == "concat":
+            self.proj = nn.Linear(K * d_model, d_model, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.kind == "sum":
+            return h.sum(-2)
+        if self.kind == "mean":
+            return h.mean(-2)
+        if self.kind == "first":
+            return h[..., 0, :]
+        return self.proj(h.flatten(-2))
+
+
+def widen(cfg: AltUpConfig, embedded: torch.Tensor, d_model: int) -> torch.Tensor:
+    """Embedding output → the K-block stream: split a K·d table, or replicate (recycled)."""
+    if cfg.mode == "altup":
+        return embedded.unflatten(-1, (cfg.K, d_model))
+    return embedded.unsqueeze(-2).expand(*embedded.shape[:-1], cfg.K, d_model)
