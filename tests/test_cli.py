@@ -55,6 +55,10 @@ BAD = [
     (["data=text", "data.path=/no/such/file.txt"], "no text files"),
     (["tokenizer=file", "tokenizer.path=/no/such/dir"], "does not exist"),
     (["logger.mode=sometimes"], "logger.mode"),
+    (["altup=k2", "altup.K=0"], "altup.K must be >= 1"),
+    (["altup=sequence_s2", "altup.stride=0"], "altup.stride must be >= 1"),
+    (["altup=k3"], "altup/k3"),
+    (["altup=k2", "altup.readout=wide"], "altup.readout"),
 ]
 
 

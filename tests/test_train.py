@@ -171,3 +171,23 @@ def test_a_crashing_run_is_marked_failed_not_finished(
     meta = json.loads((run / "run.json").read_text())
     assert meta["status"] == "failed" and "boom" in meta["error"]
     assert not (run / "metrics.json").exists() and not (run / "export").exists()
+
+
+@pytest.mark.parametrize("variant", ["k2", "recycled_k2", "sequence_s2"])
+def test_altup_variants_train_and_export(
+    altup, variant: str, corpus_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    outputs = tmp_path / "outputs"
+    args = [*tiny_overrides(corpus_dir, cache_dir, outputs, steps=3), "logger=none"]
+    result = altup("train", f"altup={variant}", *args)
+    assert result.code == 0, result.stderr
+    run = _run_dir(outputs)
+    model, cfg = altup_cli.load(run)
+    from_ckpt, _ = altup_cli.load(run / "checkpoints" / "last.ckpt")
+    assert (
+        cfg.altup.mode
+        == {"k2": "altup", "recycled_k2": "recycled", "sequence_s2": "sequence"}[variant]
+    )
+    ids = torch.randint(0, 300, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), from_ckpt(ids), rtol=0, atol=0)

@@ -39,21 +39,33 @@ class AltUpConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.mode in MODES, f"altup.mode must be one of {', '.join(MODES)}, got {self.mode!r}"),
+            (
+                self.mode in MODES,
+                f"altup.mode must be one of {', '.join(MODES)}, got {self.mode!r}",
+            ),
             (self.K >= 1, f"altup.K must be >= 1, got {self.K}"),
             (self.stride >= 1, f"altup.stride must be >= 1, got {self.stride}"),
-            (self.schedule in SCHEDULES, f"altup.schedule must be alternating or same, got {self.schedule!r}"),
-            (self.layer_input in LAYER_INPUTS, f"altup.layer_input must be original or predicted, got {self.layer_input!r}"),
-            (self.readout in READOUTS, f"altup.readout must be one of {', '.join(READOUTS)}, got {self.readout!r}"),
+            (
+                self.schedule in SCHEDULES,
+                f"altup.schedule must be alternating or same, got {self.schedule!r}",
+            ),
+            (
+                self.layer_input in LAYER_INPUTS,
+                f"altup.layer_input must be original or predicted, got {self.layer_input!r}",
+            ),
+            (
+                self.readout in READOUTS,
+                f"altup.readout must be one of {', '.join(READOUTS)}, got {self.readout!r}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
 
     @property
-    def blocks(self) -> int:
-        """Width of the stream in blocks of d: K for (recycled) AltUp, else 1."""
-        return self.K if self.mode in ("altup", "recycled") else 1
+    def widens(self) -> bool:
+        """Whether the stream carries a block axis (B, T, K, d): (Recycled-)AltUp."""
+        return self.mode in ("altup", "recycled")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,7 +92,9 @@ class AltUpLayer(nn.Module):
         """x̂ⁱ = Σⱼ P[i, j] xʲ over the block axis of x (..., K, d), in fp32."""
         return torch.matmul(self.predictor, x.float())
 
-    def correct(self, predicted: torch.Tensor, layer_in: torch.Tensor, layer_out: torch.Tensor) -> torch.Tensor:
+    def correct(
+        self, predicted: torch.Tensor, layer_in: torch.Tensor, layer_out: torch.Tensor
+    ) -> torch.Tensor:
         """yⁱ = x̂ⁱ + g[i]·(ỹ − x̂^{j*}), the innovation formed as (in − x̂^{j*}) + (ỹ − in) in
         fp32: the layer's residual delta is small next to the stream (spec, Numerics)."""
         pred_active = predicted.index_select(-2, self.active_block).squeeze(-2)

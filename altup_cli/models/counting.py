@@ -32,14 +32,14 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
 
 def _altup_scalars_per_layer(cfg: ModelConfig) -> int:
     mode, K = cfg.altup.mode, cfg.altup.K
-    if mode in ("altup", "recycled"):
+    if cfg.altup.widens:
         return K * K + K  # predictor P and corrector g
     return 3 if mode == "sequence" else 0  # (α, β) and γ
 
 
 def _readout_matrix(cfg: ModelConfig) -> int:
     a = cfg.altup
-    return a.K * cfg.d_model * cfg.d_model if a.blocks > 1 and a.readout == "concat" else 0
+    return a.K * cfg.d_model * cfg.d_model if a.widens and a.readout == "concat" else 0
 
 
 def forward_flops_per_token(
@@ -56,9 +56,11 @@ def forward_flops_per_token(
         span = -(-seq_len // a.stride)
         processed = span / seq_len
     context = (span + 1) / 2 if causal else span
-    projections = 2 * d * heads * (2 * cfg.head_dim + cfg.v_head_dim) + 2 * heads * cfg.v_head_dim * d
+    projections = (
+        2 * d * heads * (2 * cfg.head_dim + cfg.v_head_dim) + 2 * heads * cfg.v_head_dim * d
+    )
     scores = 2 * context * heads * (cfg.head_dim + cfg.v_head_dim)  # Q·Kᵀ and P·V
-    predict = 2 * a.K * a.K * d if a.mode in ("altup", "recycled") else 0  # x̂ = P·x
+    predict = 2 * a.K * a.K * d if a.widens else 0  # x̂ = P·x
     flops = {
         "embedding": 0.0,
         "attention": float(cfg.n_layers * (projections + scores) * processed),

@@ -75,7 +75,9 @@ class ModelConfig:
         if isinstance(altup, dict):
             altup_known = {f.name for f in fields(AltUpConfig)}
             if set(altup) - altup_known:
-                raise ValueError(f"unknown altup key(s): {', '.join(sorted(set(altup) - altup_known))}")
+                raise ValueError(
+                    f"unknown altup key(s): {', '.join(sorted(set(altup) - altup_known))}"
+                )
             values = {**values, "altup": AltUpConfig(**altup)}
         return cls(**values)
 
@@ -173,7 +175,7 @@ class TransformerLM(nn.Module):
             wrap_layer(cfg.altup, Block(cfg, i), i) for i in range(cfg.n_layers)
         )
         self.readout = (
-            Readout(cfg.altup.readout, cfg.altup.K, cfg.d_model) if cfg.altup.blocks > 1 else None
+            Readout(cfg.altup.readout, cfg.altup.K, cfg.d_model) if cfg.altup.widens else None
         )
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head_from_embedding = cfg.tie_embeddings and wide
