@@ -27,8 +27,8 @@ from altup_cli.models.counting import parameter_counts
 from altup_cli.models.transformer import ModelConfig, TransformerLM
 from altup_cli.training.lm_module import (
     LanguageModelModule,
+    adamw,
     lm_loss,
-    param_groups,
     warmup_cosine,
 )
 
@@ -96,18 +96,19 @@ def _sync(device: torch.device) -> None:
 
 
 def bare_loop(
-    cfg: ModelConfig, batches: list[torch.Tensor], warmup: int, device: torch.device
+    cfg: ModelConfig,
+    batches: list[torch.Tensor],
+    warmup: int,
+    device: torch.device,
+    compile: bool = False,
 ) -> Measurement:
     """The reference: forward, backward, clip, AdamW step, schedule step; nothing else."""
     torch.manual_seed(0)
     model = TransformerLM(cfg).to(device)
+    if compile:
+        model.compile()
     o, total = OPTIM, len(batches)
-    optimizer = torch.optim.AdamW(
-        param_groups(model, o["weight_decay"]),
-        lr=o["lr"],
-        betas=(o["beta1"], o["beta2"]),
-        eps=o["eps"],
-    )
+    optimizer = adamw(model, o)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, o["warmup_steps"], total, o["min_lr_ratio"])
     )
@@ -280,6 +281,112 @@ def run_benchmark(
             f"{r['memory_ratio']:.2f}",
             f"{r['tokens_per_s']:,.0f}",
             f"{r['max_loss_gap']:.1e}",
+        )
+    Console(width=max(console.width, 150)).print(table)
+    return rows
+
+
+def altup_variants(preset: str, seq_len: int) -> dict[str, ModelConfig]:
+    """The comparison of issue 3: baseline (width d), AltUp K=2, Recycled K=2,
+    Sequence-AltUp stride 2, and the dense model of width 2d that AltUp avoids."""
+    from dataclasses import replace
+
+    from altup_cli.models.altup import AltUpConfig
+
+    base = preset_config(preset, seq_len=seq_len)
+    return {
+        "baseline": base,
+        "altup_k2": replace(base, altup=AltUpConfig(mode="altup", K=2)),
+        "recycled_k2": replace(base, altup=AltUpConfig(mode="recycled", K=2)),
+        "sequence_s2": replace(base, altup=AltUpConfig(mode="sequence", stride=2)),
+        "dense_2d": replace(
+            base,
+            d_model=2 * base.d_model,
+            d_ff=2 * base.d_ff,
+            head_dim=2 * base.head_dim,
+            v_head_dim=2 * base.v_head_dim,
+        ),
+    }
+
+
+def run_altup_benchmark(
+    preset: str,
+    steps: int,
+    warmup: int,
+    repeats: int,
+    batch_size: int,
+    seq_len: int,
+    device_name: str,
+    compile: bool = False,
+) -> list[dict[str, Any]]:
+    """Step time and peak memory of each AltUp variant as ratios to the baseline."""
+    from rich.table import Table
+
+    from altup_cli.models.counting import training_flops_per_token
+
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if device_name == "auto" else device_name
+    )
+    variants = altup_variants(preset, seq_len)
+    g = torch.Generator().manual_seed(1)
+    vocab = variants["baseline"].vocab_size
+    batches = [
+        torch.randint(0, vocab, (batch_size, seq_len + 1), generator=g)
+        for _ in range(warmup + steps)
+    ]
+    names = list(variants)
+    results: dict[str, list[Measurement]] = {n: [] for n in names}
+    for r in range(repeats):
+        order = names[r % len(names) :] + names[: r % len(names)]  # rotate who goes first
+        for name in order:
+            console.print(f"[dim]repeat {r + 1}/{repeats}: {name}[/dim]")
+            results[name].append(bare_loop(variants[name], batches, warmup, device, compile))
+    base_time = statistics.median(m.seconds_per_step for m in results["baseline"])
+    base_mem = statistics.median(m.peak_bytes for m in results["baseline"])
+    base_flops = training_flops_per_token(variants["baseline"], seq_len)["total"]
+    rows = []
+    for name in names:
+        t = statistics.median(m.seconds_per_step for m in results[name])
+        mem = statistics.median(m.peak_bytes for m in results[name])
+        flops = training_flops_per_token(variants[name], seq_len)["total"]
+        counts = parameter_counts(variants[name])
+        rows.append(
+            {
+                "variant": name,
+                "parameters": counts["total"],
+                "non_embedding": counts["non_embedding"],
+                "ms_per_step": t * 1e3,
+                "time_ratio": t / base_time,
+                "peak_mib": mem / 2**20,
+                "memory_ratio": mem / base_mem if base_mem else float("nan"),
+                "flops_ratio": flops / base_flops,
+            }
+        )
+    title = f"AltUp variants vs baseline — {preset}, {device}, batch {batch_size}×{seq_len}" + (
+        ", compiled" if compile else ""
+    )
+    table = Table(title=title)
+    for col in (
+        "variant",
+        "params",
+        "non-emb params",
+        "ms/step",
+        "time ratio",
+        "peak MiB",
+        "mem ratio",
+        "FLOPs ratio",
+    ):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(
+            r["variant"],
+            f"{r['parameters']:,}",
+            f"{r['non_embedding']:,}",
+            f"{r['ms_per_step']:.1f}",
+            f"{r['time_ratio']:.3f}",
+            f"{r['peak_mib']:.0f}",
+            f"{r['memory_ratio']:.2f}",
+            f"{r['flops_ratio']:.3f}",
         )
     Console(width=max(console.width, 150)).print(table)
     return rows

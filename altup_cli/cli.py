@@ -109,6 +109,9 @@ Prints ratios (Lightning step vs a bare PyTorch loop on the same model and batch
 * `altup bench` — nano, tiny and mini presets on this machine's device.
 
 * `altup bench --models tiny,mini --steps 30 --repeats 3`
+
+* `altup bench --suite altup --models mini` — baseline, AltUp K=2, Recycled K=2,
+  Sequence-AltUp stride 2 and the dense 2d model, as ratios to the baseline.
 """
 )
 def bench(
@@ -119,12 +122,24 @@ def bench(
     batch_size: int = typer.Option(16, help="Sequences per step."),
     seq_len: int = typer.Option(256, help="Tokens per sequence."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    suite: str = typer.Option("lightning", help="lightning (vs bare loop) or altup (variants)."),
+    compile: bool = typer.Option(
+        False, "--compile", help="torch.compile the models (altup suite)."
+    ),
 ) -> None:
     """Benchmark training-step throughput."""
-    from altup_cli.benchmark import run_benchmark
+    from altup_cli.benchmark import run_altup_benchmark, run_benchmark
 
     presets = [m.strip() for m in models.split(",") if m.strip()]
-    run_benchmark(presets, steps, warmup, repeats, batch_size, seq_len, device)
+    if suite == "lightning":
+        run_benchmark(presets, steps, warmup, repeats, batch_size, seq_len, device)
+    elif suite == "altup":
+        for preset in presets:
+            run_altup_benchmark(
+                preset, steps, warmup, repeats, batch_size, seq_len, device, compile
+            )
+    else:
+        raise UserError(f"--suite must be lightning or altup, got {suite!r}")
 
 
 def main() -> None:

@@ -200,8 +200,7 @@ def test_stride_and_skip_passes_skipped_tokens_through() -> None:
 def test_block_schedule_survives_export_and_checkpoint(tmp_path: Path) -> None:
     m = model("altup", K=3)
     assert [int(layer.active_block) for layer in m.blocks] == [0, 1, 2, 0]
-    with torch.no_grad():  # as after growth inserted a layer: not ℓ mod K any more
-        m.blocks[3].active_block.fill_(2)
+    m.blocks[3].set_active_block(2)  # as after growth inserted a layer: not ℓ mod K any more
     altup_cli.save_export(m, tmp_path / "export")
     loaded, cfg = altup_cli.load(tmp_path / "export")
     assert [int(layer.active_block) for layer in loaded.blocks] == [0, 1, 2, 2]

@@ -1,7 +1,7 @@
 """Alternating Updates (Baykal et al., NeurIPS 2023) around an ordinary layer stack.
 
-AltUp / Recycled-AltUp: the token representation is K blocks of width d, shape
-(B, T, K, d). Each layer ℓ (§3, Alg. 1):
+AltUp / Recycled-AltUp: the token representation is K blocks of width d, held
+block-first as (K, B, T, d). Each layer ℓ (§3, Alg. 1):
   predict  x̂ⁱ = Σⱼ P[i, j] xʲ                         (K×K trainable scalars)
   compute  ỹ  = L(input), input = x^{j*} (paper) or x̂^{j*} (Gemma 3n)
   correct  yⁱ = x̂ⁱ + g[i] · (ỹ − x̂^{j*})              (K trainable scalars)
@@ -79,33 +79,54 @@ def _scalar(value: torch.Tensor) -> nn.Parameter:
 
 
 class AltUpLayer(nn.Module):
-    """Predict → compute the wrapped layer on the activated block → correct."""
+    """Predict → compute the wrapped layer on the activated block → correct.
+
+    The stream is laid out block-first, (K, B, T, d), so predicting is one (K×K)·(K×N)
+    matrix product and every block is a contiguous view.
+    """
 
     def __init__(self, layer: nn.Module, K: int, active_block: int, layer_input: str) -> None:
         super().__init__()
         self.layer, self.K, self.layer_input = layer, K, layer_input
         self.predictor = _scalar(torch.eye(K))  # identity init: x̂ = x
         self.corrector = _scalar(torch.ones(K))
+        # Stored (and checkpointed) rather than derived from the layer number, so growth
+        # can insert layers; `_active` mirrors it as a Python int for cheap indexing.
         self.register_buffer("active_block", torch.tensor([active_block]), persistent=True)
+        self._active = active_block
+        self.register_load_state_dict_post_hook(lambda module, _: module._sync_active())
+
+    def _sync_active(self) -> None:
+        self._active = int(self.active_block)
+
+    def set_active_block(self, block: int) -> None:
+        with torch.no_grad():
+            self.active_block.fill_(block)
+        self._active = block
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """x̂ⁱ = Σⱼ P[i, j] xʲ over the block axis of x (..., K, d), in fp32."""
-        return torch.matmul(self.predictor, x.float())
+        """x̂ⁱ = Σⱼ P[i, j] xʲ for x of shape (K, …, d), in fp32."""
+        return (self.predictor @ x.float().reshape(self.K, -1)).view(x.shape)
 
     def correct(
         self, predicted: torch.Tensor, layer_in: torch.Tensor, layer_out: torch.Tensor
     ) -> torch.Tensor:
-        """yⁱ = x̂ⁱ + g[i]·(ỹ − x̂^{j*}), the innovation formed as (in − x̂^{j*}) + (ỹ − in) in
-        fp32: the layer's residual delta is small next to the stream (spec, Numerics)."""
-        pred_active = predicted.index_select(-2, self.active_block).squeeze(-2)
-        innovation = (layer_in.float() - pred_active) + (layer_out.float() - layer_in.float())
-        return predicted + self.corrector[:, None] * innovation.unsqueeze(-2)
+        """yⁱ = x̂ⁱ + g[i]·(ỹ − x̂^{j*}). Below fp32 the innovation is formed as
+        (in − x̂^{j*}) + (ỹ − in): the layer's residual delta is small next to the stream
+        and one low-precision subtraction would lose its bits (spec, Numerics)."""
+        pred_active = predicted[self._active]
+        if layer_out.dtype == torch.float32 and layer_in.dtype == torch.float32:
+            innovation = layer_out - pred_active
+        else:
+            innovation = (layer_in.float() - pred_active) + (layer_out.float() - layer_in.float())
+        g = self.corrector.view(-1, *([1] * innovation.dim()))
+        return predicted + g * innovation
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
             predicted = self.predict(x)
         source = x if self.layer_input == "original" else predicted.type_as(x)
-        layer_in = source.index_select(-2, self.active_block).squeeze(-2)
+        layer_in = source[self._active]
         layer_out = self.layer(layer_in, cos, sin)
         with torch.autocast(x.device.type, enabled=False):
             return self.correct(predicted, layer_in, layer_out).type_as(x)
@@ -159,7 +180,7 @@ def wrap_layer(cfg: AltUpConfig, layer: nn.Module, layer_index: int) -> nn.Modul
 
 
 class Readout(nn.Module):
-    """K blocks (B, T, K, d) → one (B, T, d) before the final norm and LM head."""
+    """K blocks (K, B, T, d) → one (B, T, d) before the final norm and LM head."""
 
     def __init__(self, kind: str, K: int, d_model: int) -> None:
         super().__init__()
@@ -169,16 +190,17 @@ class Readout(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.kind == "sum":
-            return h.sum(-2)
+            return h.sum(0)
         if self.kind == "mean":
-            return h.mean(-2)
+            return h.mean(0)
         if self.kind == "first":
-            return h[..., 0, :]
-        return self.proj(h.flatten(-2))
+            return h[0]
+        return self.proj(h.movedim(0, -2).flatten(-2))  # blocks side by side: [x¹ … x^K]
 
 
 def widen(cfg: AltUpConfig, embedded: torch.Tensor, d_model: int) -> torch.Tensor:
-    """Embedding output → the K-block stream: split a K·d table, or replicate (recycled)."""
+    """Embedding output (B, T, ·) → the block-first stream (K, B, T, d): split a K·d
+    table, or replicate the width-d embedding (Recycled-AltUp)."""
     if cfg.mode == "altup":
-        return embedded.unflatten(-1, (cfg.K, d_model))
-    return embedded.unsqueeze(-2).expand(*embedded.shape[:-1], cfg.K, d_model)
+        return embedded.unflatten(-1, (cfg.K, d_model)).movedim(-2, 0).contiguous()
+    return embedded.unsqueeze(0).expand(cfg.K, *embedded.shape)

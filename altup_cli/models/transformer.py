@@ -161,7 +161,7 @@ class Block(nn.Module):
 class TransformerLM(nn.Module):
     """Token ids (B, T) → next-token logits (B, T, vocab).
 
-    With AltUp the stream is (B, T, K, d) between the embedding and the readout; with a
+    With AltUp the stream is (K, B, T, d) between the embedding and the readout; with a
     K·d-wide AltUp embedding, a tied LM head uses the table's first block (V × d).
     """
 
@@ -196,7 +196,7 @@ class TransformerLM(nn.Module):
                     nn.init.zeros_(module.bias)
 
     def run_blocks(self, h: torch.Tensor) -> torch.Tensor:
-        cos, sin = self.rotary.cos_sin(h.shape[1], h.device)
+        cos, sin = self.rotary.cos_sin(h.shape[-2], h.device)
         for block in self.blocks:
             h = block(h, cos, sin)
         return h
