@@ -86,6 +86,36 @@ def train(
     run.train(cfg, settings, overrides, ckpt, argv=sys.argv)
 
 
+@app.command(
+    help="""Train variants on the same data, tokens and seed; print one table.
+
+Each `--variant` is a space-separated list of overrides added to the shared ones.
+
+**Examples**
+
+* `altup compare --recipe altup-vs-dense` — baseline, AltUp K=2, Recycled-AltUp K=2.
+
+* `altup compare --recipe altup-vs-dense --variant altup=off --variant "altup=k2 altup.K=4"`
+
+* `altup compare trainer.max_steps=50 --variant altup=off --variant altup=sequence_s2`
+"""
+)
+def compare(
+    overrides: list[str] = typer.Argument(None, help="Overrides shared by every variant."),
+    recipe: str | None = typer.Option(None, "--recipe", "-r", help="A recipe from recipes/."),
+    variant: list[str] = typer.Option(
+        ["altup=off", "altup=k2", "altup=recycled_k2"],
+        "--variant",
+        "-v",
+        help="Overrides of one variant (repeat the option for each).",
+    ),
+) -> None:
+    """Compare variants under equal data and tokens."""
+    from altup_cli.compare import compare as run_compare
+
+    run_compare(list(overrides or []), recipe, variant)
+
+
 @app.command()
 def recipes() -> None:
     """List the named experiments in recipes/."""

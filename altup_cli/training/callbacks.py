@@ -18,6 +18,7 @@ class TrainingStats(L.Callback):
     def __init__(self, tokens_per_micro_batch: int) -> None:
         self.tokens_per_micro_batch = tokens_per_micro_batch
         self.tokens = 0
+        self.batches = 0
         self.step_seconds = 0.0
         self.last_train_loss: float | None = None
         self._t0 = 0.0
@@ -30,6 +31,7 @@ class TrainingStats(L.Callback):
     ) -> None:
         self.step_seconds += time.perf_counter() - self._t0
         self.tokens += self.tokens_per_micro_batch * trainer.world_size
+        self.batches += 1
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor):
             self.last_train_loss = float(loss.detach())

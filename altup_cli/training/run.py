@@ -432,6 +432,9 @@ def _fit(
         "tokens_seen": trainer.global_step * global_batch * s.data.seq_len,
         "tokens_this_session": stats.tokens,
         "tokens_per_second": stats.tokens_per_second,
+        "seconds_per_step": stats.step_seconds
+        / max(1, stats.batches)
+        * s.trainer.accumulate_grad_batches,
         "train_loss": stats.last_train_loss,
         "val_loss": float(val) if val is not None else None,
         "val_ppl": float(torch.exp(val)) if val is not None else None,
