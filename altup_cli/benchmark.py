@@ -3,13 +3,17 @@
 Both paths train the same model from the same initial weights on the same batches with the
 same optimizer, schedule and clipping; the bare loop is the reference. Measurements
 alternate between the two (A B, B A, …) and the median is reported, since a shared machine
-drifts. On CPU, peak memory is the peak resident set size above the level before the
-measurement (Linux `/proc/self/clear_refs` resets the peak); on CUDA it is the allocator's
-peak.
+drifts. Peak memory covers the whole footprint of training (parameters, gradients,
+optimizer state, activations) from before the model is built: on CUDA the allocator's
+peak; on CPU the peak resident set size above the level after freed heap memory is handed
+back (`malloc_trim`), with Linux `/proc/self/clear_refs` resetting the peak.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import statistics
 import time
 from collections.abc import Callable
@@ -69,11 +73,14 @@ class _PeakMemory:
         self.device = device
 
     def start(self) -> None:
+        gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         else:
+            _malloc_trim()
             Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
             self.base = _proc_status("VmRSS")
 
@@ -81,6 +88,12 @@ class _PeakMemory:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated() - self.base
         return max(0, _proc_status("VmHWM") - self.base)
+
+
+def _malloc_trim() -> None:
+    """Return freed heap pages to the OS so RSS counts live memory (glibc only)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _proc_status(field: str) -> int:
@@ -103,6 +116,8 @@ def bare_loop(
     compile: bool = False,
 ) -> Measurement:
     """The reference: forward, backward, clip, AdamW step, schedule step; nothing else."""
+    memory = _PeakMemory(device)
+    memory.start()
     torch.manual_seed(0)
     model = TransformerLM(cfg).to(device)
     if compile:
@@ -112,11 +127,10 @@ def bare_loop(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, o["warmup_steps"], total, o["min_lr_ratio"])
     )
-    memory, losses, start = _PeakMemory(device), [], 0.0
+    losses, start = [], 0.0
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     for step, batch in enumerate(batches):
         if step == warmup:
-            memory.start()
             _sync(device)
             start = time.perf_counter()
         batch = batch.to(device, non_blocking=True)
@@ -141,13 +155,13 @@ def lightning_loop(
     from torch.utils.data import DataLoader
 
     memory = _PeakMemory(device)
+    memory.start()
     times: dict[str, float] = {}
     losses: list[float] = []
 
     class Clock(L.Callback):
         def on_train_batch_start(self, trainer: L.Trainer, *_: Any) -> None:
             if trainer.global_step == warmup:
-                memory.start()
                 _sync(device)
                 times["start"] = time.perf_counter()
 

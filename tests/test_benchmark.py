@@ -31,3 +31,22 @@ def test_benchmark_table_rows() -> None:
 def test_unknown_preset() -> None:
     with pytest.raises(UserError, match="unknown model preset"):
         preset_config("gigantic")
+
+
+def test_altup_suite_rows_compare_like_with_like() -> None:
+    from altup_cli.benchmark import run_altup_benchmark
+    from altup_cli.models import parameter_counts
+
+    rows = {
+        r["variant"]: r
+        for r in run_altup_benchmark(
+            "nano", steps=1, warmup=1, repeats=1, batch_size=2, seq_len=16, device_name="cpu"
+        )
+    }
+    assert list(rows) == ["baseline", "altup_k2", "recycled_k2", "sequence_s2", "dense_2d"]
+    assert rows["baseline"]["time_ratio"] == 1.0
+    base = parameter_counts(preset_config("nano"))
+    n_layers = preset_config("nano").n_layers
+    assert rows["recycled_k2"]["parameters"] == base["total"] + n_layers * 6
+    assert rows["altup_k2"]["non_embedding"] == base["non_embedding"] + n_layers * 6
+    assert rows["dense_2d"]["flops_ratio"] > 2.5 and rows["sequence_s2"]["flops_ratio"] < 1

@@ -191,3 +191,23 @@ def test_altup_variants_train_and_export(
     ids = torch.randint(0, 300, (1, 20))
     with torch.no_grad():
         torch.testing.assert_close(model(ids), from_ckpt(ids), rtol=0, atol=0)
+
+
+def test_compare_trains_every_variant_on_the_same_tokens(
+    altup, corpus_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    outputs = tmp_path / "outputs"
+    args = [*tiny_overrides(corpus_dir, cache_dir, outputs, steps=2), "logger=none"]
+    result = altup("compare", *args, "--variant", "altup=off", "--variant", "altup=recycled_k2")
+    assert result.code == 0, result.stderr
+    saved = json.loads(next(outputs.glob("compare-*.json")).read_text())
+    assert [r["variant"] for r in saved] == ["altup=off", "altup=recycled_k2"]
+    assert saved[0]["tokens_seen"] == saved[1]["tokens_seen"] == 2 * 4 * 32
+    assert saved[1]["parameters"]["total"] - saved[0]["parameters"]["total"] == 2 * 6
+    assert "altup compare" in result.stdout and "val loss" in result.stdout
+
+
+def test_compare_refuses_a_bad_variant_before_training(altup, tmp_path: Path) -> None:
+    result = altup("compare", f"run.output_dir={tmp_path}", "--variant", "altup=k9")
+    assert result.code == 2 and "altup/k9" in result.stderr
+    assert not any(tmp_path.iterdir())
