@@ -134,9 +134,9 @@ def bare_loop(
             _sync(device)
             start = time.perf_counter()
         batch = batch.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)  # before the forward, as Lightning does
         with autocast:
             loss = lm_loss(model(batch[:, :-1]), batch[:, 1:])
-        optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), o["grad_clip"])
         optimizer.step()

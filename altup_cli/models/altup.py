@@ -108,28 +108,25 @@ class AltUpLayer(nn.Module):
         """x̂ⁱ = Σⱼ P[i, j] xʲ for x of shape (K, …, d), in fp32."""
         return (self.predictor @ x.float().reshape(self.K, -1)).view(x.shape)
 
-    def correct(
-        self, predicted: torch.Tensor, layer_in: torch.Tensor, layer_out: torch.Tensor
-    ) -> torch.Tensor:
-        """yⁱ = x̂ⁱ + g[i]·(ỹ − x̂^{j*}). Below fp32 the innovation is formed as
-        (in − x̂^{j*}) + (ỹ − in): the layer's residual delta is small next to the stream
-        and one low-precision subtraction would lose its bits (spec, Numerics)."""
-        pred_active = predicted[self._active]
-        if layer_out.dtype == torch.float32 and layer_in.dtype == torch.float32:
-            innovation = layer_out - pred_active
-        else:
-            innovation = (layer_in.float() - pred_active) + (layer_out.float() - layer_in.float())
-        g = self.corrector.view(-1, *([1] * innovation.dim()))
-        return predicted + g * innovation
+    def mixing(self) -> torch.Tensor:
+        """Predict and correct folded into one K × (K+1) matrix M acting on [x¹ … x^K, ỹ]:
+        yⁱ = x̂ⁱ + g[i](ỹ − x̂^{j*}) = Σⱼ (P[i,j] − g[i] P[j*,j]) xʲ + g[i] ỹ."""
+        P, g = self.predictor, self.corrector
+        return torch.cat([P - g[:, None] * P[self._active][None, :], g[:, None]], dim=1)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=False):
-            predicted = self.predict(x)
-        source = x if self.layer_input == "original" else predicted.type_as(x)
-        layer_in = source[self._active]
+        # AltUp's algebra runs in fp32 whatever the autocast: the innovation ỹ − x̂^{j*} is
+        # small next to the stream and would lose its bits in bf16 (spec, Numerics).
+        if self.layer_input == "original":
+            layer_in = x[self._active]
+        else:
+            with torch.autocast(x.device.type, enabled=False):
+                flat = x.float().reshape(self.K, -1)
+                layer_in = (self.predictor[self._active] @ flat).view(x.shape[1:]).type_as(x)
         layer_out = self.layer(layer_in, cos, sin)
         with torch.autocast(x.device.type, enabled=False):
-            return self.correct(predicted, layer_in, layer_out).type_as(x)
+            stacked = torch.cat([x.float().reshape(self.K, -1), layer_out.float().reshape(1, -1)])
+            return (self.mixing() @ stacked).view(x.shape).type_as(x)
 
 
 class SequenceAltUpLayer(nn.Module):

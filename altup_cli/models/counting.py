@@ -60,7 +60,11 @@ def forward_flops_per_token(
         2 * d * heads * (2 * cfg.head_dim + cfg.v_head_dim) + 2 * heads * cfg.v_head_dim * d
     )
     scores = 2 * context * heads * (cfg.head_dim + cfg.v_head_dim)  # Q·Kᵀ and P·V
-    predict = 2 * a.K * a.K * d if a.widens else 0  # x̂ = P·x
+    # Predict + correct as one K × (K+1) product over [x¹ … x^K, ỹ]; feeding the layer the
+    # predicted block adds one row of P: K·d more multiply-adds.
+    predict = 2 * a.K * (a.K + 1) * d if a.widens else 0
+    if a.widens and a.layer_input == "predicted":
+        predict += 2 * a.K * d
     flops = {
         "embedding": 0.0,
         "attention": float(cfg.n_layers * (projections + scores) * processed),
