@@ -23,10 +23,9 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
-from rich.console import Console
 
 from altup_cli.config import conf_dir
-from altup_cli.console import console
+from altup_cli.console import console, print_table
 from altup_cli.models.counting import parameter_counts
 from altup_cli.models.transformer import ModelConfig, TransformerLM
 from altup_cli.training.lm_module import (
@@ -108,6 +107,39 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+class BareTrainer:
+    """The reference training step: forward, backward, clip, AdamW step, schedule step."""
+
+    def __init__(
+        self, cfg: ModelConfig, total_steps: int, device: torch.device, compile: bool = False
+    ) -> None:
+        torch.manual_seed(0)
+        self.model = TransformerLM(cfg).to(device)
+        if compile:
+            self.model.compile()
+        o = OPTIM
+        self.optimizer = adamw(self.model, o)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: warmup_cosine(s, o["warmup_steps"], total_steps, o["min_lr_ratio"]),
+        )
+        self.device = device
+        self.autocast = torch.autocast(
+            device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
+        )
+
+    def step(self, batch: torch.Tensor) -> float:
+        batch = batch.to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)  # before the forward, as Lightning does
+        with self.autocast:
+            loss = lm_loss(self.model(batch[:, :-1]), batch[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), OPTIM["grad_clip"])
+        self.optimizer.step()
+        self.schedule.step()
+        return loss.item()
+
+
 def bare_loop(
     cfg: ModelConfig,
     batches: list[torch.Tensor],
@@ -115,36 +147,42 @@ def bare_loop(
     device: torch.device,
     compile: bool = False,
 ) -> Measurement:
-    """The reference: forward, backward, clip, AdamW step, schedule step; nothing else."""
+    """Time the reference step over `batches` after `warmup` steps; peak memory from
+    before the model is built."""
     memory = _PeakMemory(device)
     memory.start()
-    torch.manual_seed(0)
-    model = TransformerLM(cfg).to(device)
-    if compile:
-        model.compile()
-    o, total = OPTIM, len(batches)
-    optimizer = adamw(model, o)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, o["warmup_steps"], total, o["min_lr_ratio"])
-    )
+    trainer = BareTrainer(cfg, len(batches), device, compile)
     losses, start = [], 0.0
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     for step, batch in enumerate(batches):
         if step == warmup:
             _sync(device)
             start = time.perf_counter()
-        batch = batch.to(device, non_blocking=True)
-        optimizer.zero_grad(set_to_none=True)  # before the forward, as Lightning does
-        with autocast:
-            loss = lm_loss(model(batch[:, :-1]), batch[:, 1:])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), o["grad_clip"])
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
+        losses.append(trainer.step(batch))
     _sync(device)
     elapsed = time.perf_counter() - start
     return Measurement(elapsed / (len(batches) - warmup), memory.peak(), losses)
+
+
+def interleaved_step_times(
+    cfgs: dict[str, ModelConfig],
+    batches: list[torch.Tensor],
+    warmup: int,
+    device: torch.device,
+    compile: bool = False,
+) -> dict[str, list[float]]:
+    """Seconds per step of each model, taking one step of each in turn (the order rotates
+    every round), so a slow spell of a shared machine hits every model alike."""
+    trainers = {name: BareTrainer(cfg, len(batches), device, compile) for name, cfg in cfgs.items()}
+    names, times = list(cfgs), {name: [] for name in cfgs}
+    for step, batch in enumerate(batches):
+        for name in names[step % len(names) :] + names[: step % len(names)]:
+            _sync(device)
+            start = time.perf_counter()
+            trainers[name].step(batch)
+            _sync(device)
+            if step >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
 
 
 def lightning_loop(
@@ -224,8 +262,6 @@ def run_benchmark(
     import logging
     import warnings
 
-    from rich.table import Table
-
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
@@ -268,35 +304,22 @@ def run_benchmark(
                 "max_loss_gap": loss_gap,
             }
         )
-    title = f"Lightning step vs bare PyTorch loop — {device}, batch {batch_size}×{seq_len}"
-    table = Table(title=title)
-    for col in (
-        "preset",
-        "params",
-        "bare ms/step",
-        "Lightning ms/step",
-        "time ratio",
-        "bare peak MiB",
-        "Lightning peak MiB",
-        "mem ratio",
-        "tok/s",
-        "max |Δloss|",
-    ):
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(
-            r["preset"],
-            f"{r['parameters']:,}",
-            f"{r['bare_ms']:.1f}",
-            f"{r['lightning_ms']:.1f}",
-            f"{r['time_ratio']:.3f}",
-            f"{r['bare_peak_mib']:.0f}",
-            f"{r['lightning_peak_mib']:.0f}",
-            f"{r['memory_ratio']:.2f}",
-            f"{r['tokens_per_s']:,.0f}",
-            f"{r['max_loss_gap']:.1e}",
-        )
-    Console(width=max(console.width, 150)).print(table)
+    print_table(
+        f"Lightning step vs bare PyTorch loop — {device}, batch {batch_size}×{seq_len}",
+        {
+            "preset": lambda r: r["preset"],
+            "params": lambda r: f"{r['parameters']:,}",
+            "bare ms/step": lambda r: f"{r['bare_ms']:.1f}",
+            "Lightning ms/step": lambda r: f"{r['lightning_ms']:.1f}",
+            "time ratio": lambda r: f"{r['time_ratio']:.3f}",
+            "bare peak MiB": lambda r: f"{r['bare_peak_mib']:.0f}",
+            "Lightning peak MiB": lambda r: f"{r['lightning_peak_mib']:.0f}",
+            "mem ratio": lambda r: f"{r['memory_ratio']:.2f}",
+            "tok/s": lambda r: f"{r['tokens_per_s']:,.0f}",
+            "max |Δloss|": lambda r: f"{r['max_loss_gap']:.1e}",
+        },
+        rows,
+    )
     return rows
 
 
@@ -327,15 +350,13 @@ def run_altup_benchmark(
     preset: str,
     steps: int,
     warmup: int,
-    repeats: int,
     batch_size: int,
     seq_len: int,
     device_name: str,
     compile: bool = False,
 ) -> list[dict[str, Any]]:
-    """Step time and peak memory of each AltUp variant as ratios to the baseline."""
-    from rich.table import Table
-
+    """Step time (median of interleaved steps) and peak memory of each AltUp variant, as
+    ratios to the baseline."""
     from altup_cli.models.counting import training_flops_per_token
 
     device = torch.device(
@@ -348,20 +369,21 @@ def run_altup_benchmark(
         torch.randint(0, vocab, (batch_size, seq_len + 1), generator=g)
         for _ in range(warmup + steps)
     ]
-    names = list(variants)
-    results: dict[str, list[Measurement]] = {n: [] for n in names}
-    for r in range(repeats):
-        order = names[r % len(names) :] + names[: r % len(names)]  # rotate who goes first
-        for name in order:
-            console.print(f"[dim]repeat {r + 1}/{repeats}: {name}[/dim]")
-            results[name].append(bare_loop(variants[name], batches, warmup, device, compile))
-    base_time = statistics.median(m.seconds_per_step for m in results["baseline"])
-    base_mem = statistics.median(m.peak_bytes for m in results["baseline"])
+    console.print(
+        f"[dim]{preset}: {warmup}+{steps} interleaved steps of {len(variants)} models[/dim]"
+    )
+    times = interleaved_step_times(variants, batches, warmup, device, compile)
+    console.print("[dim]peak memory, one model at a time[/dim]")
+    peaks = {
+        name: bare_loop(cfg, batches[:2], 1, device, compile).peak_bytes
+        for name, cfg in variants.items()
+    }
+    base_time = statistics.median(times["baseline"])
+    base_mem = peaks["baseline"]
     base_flops = training_flops_per_token(variants["baseline"], seq_len)["total"]
     rows = []
-    for name in names:
-        t = statistics.median(m.seconds_per_step for m in results[name])
-        mem = statistics.median(m.peak_bytes for m in results[name])
+    for name in variants:
+        t, mem = statistics.median(times[name]), peaks[name]
         flops = training_flops_per_token(variants[name], seq_len)["total"]
         counts = parameter_counts(variants[name])
         rows.append(
@@ -376,31 +398,19 @@ def run_altup_benchmark(
                 "flops_ratio": flops / base_flops,
             }
         )
-    title = f"AltUp variants vs baseline — {preset}, {device}, batch {batch_size}×{seq_len}" + (
-        ", compiled" if compile else ""
+    print_table(
+        f"AltUp variants vs baseline — {preset}, {device}, batch {batch_size}×{seq_len}"
+        + (", compiled" if compile else ""),
+        {
+            "variant": lambda r: r["variant"],
+            "params": lambda r: f"{r['parameters']:,}",
+            "non-emb params": lambda r: f"{r['non_embedding']:,}",
+            "ms/step": lambda r: f"{r['ms_per_step']:.1f}",
+            "time ratio": lambda r: f"{r['time_ratio']:.3f}",
+            "peak MiB": lambda r: f"{r['peak_mib']:.0f}",
+            "mem ratio": lambda r: f"{r['memory_ratio']:.2f}",
+            "FLOPs ratio": lambda r: f"{r['flops_ratio']:.3f}",
+        },
+        rows,
     )
-    table = Table(title=title)
-    for col in (
-        "variant",
-        "params",
-        "non-emb params",
-        "ms/step",
-        "time ratio",
-        "peak MiB",
-        "mem ratio",
-        "FLOPs ratio",
-    ):
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(
-            r["variant"],
-            f"{r['parameters']:,}",
-            f"{r['non_embedding']:,}",
-            f"{r['ms_per_step']:.1f}",
-            f"{r['time_ratio']:.3f}",
-            f"{r['peak_mib']:.0f}",
-            f"{r['memory_ratio']:.2f}",
-            f"{r['flops_ratio']:.3f}",
-        )
-    Console(width=max(console.width, 150)).print(table)
     return rows

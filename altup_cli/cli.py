@@ -148,7 +148,9 @@ def bench(
     models: str = typer.Option("tiny,mini", help="Comma-separated model presets."),
     steps: int = typer.Option(20, help="Timed optimizer steps per measurement."),
     warmup: int = typer.Option(5, help="Untimed steps before each measurement."),
-    repeats: int = typer.Option(3, help="Alternating repetitions; the median is reported."),
+    repeats: int = typer.Option(
+        3, help="lightning suite: alternating repetitions (the altup suite interleaves steps)."
+    ),
     batch_size: int = typer.Option(16, help="Sequences per step."),
     seq_len: int = typer.Option(256, help="Tokens per sequence."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -165,9 +167,7 @@ def bench(
         run_benchmark(presets, steps, warmup, repeats, batch_size, seq_len, device)
     elif suite == "altup":
         for preset in presets:
-            run_altup_benchmark(
-                preset, steps, warmup, repeats, batch_size, seq_len, device, compile
-            )
+            run_altup_benchmark(preset, steps, warmup, batch_size, seq_len, device, compile)
     else:
         raise UserError(f"--suite must be lightning or altup, got {suite!r}")
 

@@ -13,11 +13,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
 from altup_cli.config import compose_config, validate
-from altup_cli.console import console, say
+from altup_cli.console import print_table, say
 from altup_cli.training import run
 
 
@@ -47,28 +44,17 @@ def compare(overrides: list[str], recipe: str | None, variants: list[str]) -> li
 
 
 def print_comparison(rows: list[dict[str, Any]]) -> None:
-    table = Table(title="altup compare — same data, tokens and seed")
-    for col in (
-        "variant",
-        "val loss",
-        "val ppl",
-        "params",
-        "non-emb params",
-        "train FLOPs/token",
-        "ms/step",
-        "tokens seen",
-    ):
-        table.add_column(col, justify="right")
-    for r in rows:
-        p = r["parameters"]
-        table.add_row(
-            r["variant"],
-            f"{r['val_loss']:.4f}",
-            f"{r['val_ppl']:.2f}",
-            f"{p['total']:,}",
-            f"{p['non_embedding']:,}",
-            f"{r['training_flops_per_token'] / 1e6:.2f}M",
-            f"{r['seconds_per_step'] * 1e3:.0f}",
-            f"{r['tokens_seen']:,}",
-        )
-    Console(width=max(console.width, 140)).print(table)
+    print_table(
+        "altup compare — same data, tokens and seed",
+        {
+            "variant": lambda r: r["variant"],
+            "val loss": lambda r: f"{r['val_loss']:.4f}",
+            "val ppl": lambda r: f"{r['val_ppl']:.2f}",
+            "params": lambda r: f"{r['parameters']['total']:,}",
+            "non-emb params": lambda r: f"{r['parameters']['non_embedding']:,}",
+            "train FLOPs/token": lambda r: f"{r['training_flops_per_token'] / 1e6:.2f}M",
+            "ms/step": lambda r: f"{r['seconds_per_step'] * 1e3:.0f}",
+            "tokens seen": lambda r: f"{r['tokens_seen']:,}",
+        },
+        rows,
+    )

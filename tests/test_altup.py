@@ -216,6 +216,7 @@ def test_block_schedule_survives_export_and_checkpoint(tmp_path: Path) -> None:
 FLOP_CASES = [
     dict(mode="altup", K=2),
     dict(mode="altup", K=3, readout="concat"),
+    dict(mode="altup", K=2, layer_input="predicted"),
     dict(mode="recycled", K=4, readout="mean"),
     dict(mode="sequence", stride=2),
     dict(mode="sequence", stride=3),

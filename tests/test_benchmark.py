@@ -40,7 +40,7 @@ def test_altup_suite_rows_compare_like_with_like() -> None:
     rows = {
         r["variant"]: r
         for r in run_altup_benchmark(
-            "nano", steps=1, warmup=1, repeats=1, batch_size=2, seq_len=16, device_name="cpu"
+            "nano", steps=1, warmup=1, batch_size=2, seq_len=16, device_name="cpu"
         )
     }
     assert list(rows) == ["baseline", "altup_k2", "recycled_k2", "sequence_s2", "dense_2d"]
