@@ -10,7 +10,6 @@ is what makes resuming identical to an uninterrupted run.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,7 +142,3 @@ class StepBatchSampler(Sampler[list[int]]):
 
 def epochs_covered(n_train: int, batch_size: int, world_size: int, total_batches: int) -> float:
     return total_batches * batch_size * world_size / max(1, n_train)
-
-
-def ceil_div(a: int, b: int) -> int:
-    return math.ceil(a / b)
