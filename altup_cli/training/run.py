@@ -370,7 +370,8 @@ def train(
         metrics = _fit(cfg, s, run_dir, data, model_cfg, resume_ckpt, rank)
     except BaseException as err:
         if rank == 0:
-            _set_status(run_dir, "failed", error=f"{type(err).__name__}: {err}".splitlines()[0])
+            status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+            _set_status(run_dir, status, error=f"{type(err).__name__}: {err}".splitlines()[0])
         raise
     finally:
         os.environ.pop(RUN_DIR_ENV, None)
