@@ -102,6 +102,19 @@ def _proc_status(field: str) -> int:
     return 0
 
 
+def _device(name: str) -> torch.device:
+    """`auto` is the GPU when there is one, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def _random_batches(vocab_size: int, batch_size: int, seq_len: int, n: int) -> list[torch.Tensor]:
+    """The same `n` batches of token ids for every model timed in one run."""
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, vocab_size, (batch_size, seq_len + 1), generator=g) for _ in range(n)]
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -265,17 +278,11 @@ def run_benchmark(
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_name)
+    device = _device(device_name)
     rows = []
     for preset in presets:
         cfg = preset_config(preset, seq_len=seq_len)
-        g = torch.Generator().manual_seed(1)
-        batches = [
-            torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1), generator=g)
-            for _ in range(warmup + steps)
-        ]
+        batches = _random_batches(cfg.vocab_size, batch_size, seq_len, warmup + steps)
         console.print(
             f"[dim]{preset}: {repeats} × (bare, lightning) × {warmup}+{steps} steps[/dim]"
         )
@@ -359,16 +366,10 @@ def run_altup_benchmark(
     ratios to the baseline."""
     from altup_cli.models.counting import training_flops_per_token
 
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if device_name == "auto" else device_name
-    )
+    device = _device(device_name)
     variants = altup_variants(preset, seq_len)
-    g = torch.Generator().manual_seed(1)
     vocab = variants["baseline"].vocab_size
-    batches = [
-        torch.randint(0, vocab, (batch_size, seq_len + 1), generator=g)
-        for _ in range(warmup + steps)
-    ]
+    batches = _random_batches(vocab, batch_size, seq_len, warmup + steps)
     console.print(
         f"[dim]{preset}: {warmup}+{steps} interleaved steps of {len(variants)} models[/dim]"
     )

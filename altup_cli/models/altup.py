@@ -104,10 +104,6 @@ class AltUpLayer(nn.Module):
             self.active_block.fill_(block)
         self._active = block
 
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """x̂ⁱ = Σⱼ P[i, j] xʲ for x of shape (K, …, d), in fp32."""
-        return (self.predictor @ x.float().reshape(self.K, -1)).view(x.shape)
-
     def mixing(self) -> torch.Tensor:
         """Predict and correct folded into one K × (K+1) matrix M acting on [x¹ … x^K, ỹ]:
         yⁱ = x̂ⁱ + g[i](ỹ − x̂^{j*}) = Σⱼ (P[i,j] − g[i] P[j*,j]) xʲ + g[i] ỹ."""
