@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 import altup_cli
 from altup_cli.models import ModelConfig, TransformerLM, parameter_counts, training_flops_per_token
 from altup_cli.models.altup import AltUpConfig, AltUpLayer, SequenceAltUpLayer
 from altup_cli.training.lm_module import param_groups
+from tests.flops import count_flops
 
 BASE = dict(vocab_size=301, d_model=32, n_layers=4, n_heads=4, d_ff=64, max_seq_len=40)
 
@@ -114,10 +113,20 @@ COMBOS = list(
 
 @pytest.mark.parametrize(("mode", "K", "schedule", "layer_input", "readout"), COMBOS)
 def test_predict_correct_match_the_equations(mode, K, schedule, layer_input, readout) -> None:
-    m = model(mode, K=K, schedule=schedule, layer_input=layer_input, readout=readout)
+    """Logits and every gradient: the training path runs a hand-written backward."""
+    m = model(mode, K=K, schedule=schedule, layer_input=layer_input, readout=readout).double()
     randomise_scalars(m)
     with torch.no_grad():
-        torch.testing.assert_close(m(IDS), reference_logits(m, IDS), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(m(IDS), reference_logits(m, IDS), rtol=0, atol=1e-12)
+    grads = []
+    for forward in (m, lambda ids: reference_logits(m, ids)):
+        m.zero_grad(set_to_none=True)
+        logits = forward(IDS)
+        (logits * torch.linspace(-1, 1, logits.shape[-1], dtype=logits.dtype)).sum().backward()
+        grads.append({name: p.grad.clone() for name, p in m.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=0, atol=1e-12, msg=name)
 
 
 def test_gradients_reach_every_block_and_scalar() -> None:
@@ -232,8 +241,9 @@ def test_flops_and_parameters_are_counted(altup: dict, tie: bool) -> None:
     assert parameter_counts(cfg)["total"] == m.num_parameters()
     for T in (23, 24):
         ids = torch.randint(0, 301, (2, T))
-        with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
-            F.cross_entropy(m(ids).flatten(0, 1), ids.flatten()).backward()
+        counter = count_flops(
+            lambda ids=ids: F.cross_entropy(m(ids).flatten(0, 1), ids.flatten()).backward()
+        )
         expected = training_flops_per_token(cfg, T)["total"] * 2 * T
         assert counter.get_total_flops() == pytest.approx(expected, rel=1e-12)
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 from altup_cli.models import (
     ModelConfig,
@@ -15,6 +13,7 @@ from altup_cli.models import (
     parameter_counts,
     training_flops_per_token,
 )
+from tests.flops import count_flops
 
 CONFIGS = [
     ModelConfig(vocab_size=300, d_model=48, n_layers=2, n_heads=4, d_ff=96, max_seq_len=32),
@@ -33,12 +32,7 @@ CONFIGS = [
 ]
 
 
-def _count(fn) -> FlopCounterMode:
-    # FlopCounterMode has no formula for the CPU flash-attention kernel, so attention runs
-    # on the math backend here, whose matmuls it counts (the CUDA kernels it counts as is).
-    with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
-        fn()
-    return counter
+_count = count_flops
 
 
 @pytest.mark.parametrize("cfg", CONFIGS)

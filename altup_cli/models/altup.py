@@ -71,6 +71,11 @@ class AltUpConfig:
         return asdict(self)
 
 
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """At least fp32: bf16/fp16 are widened, fp64 (exactness tests) is kept."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def _scalar(value: torch.Tensor) -> nn.Parameter:
     """An AltUp scalar parameter: fp32 and never weight-decayed."""
     param = nn.Parameter(value.float())
@@ -113,16 +118,94 @@ class AltUpLayer(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # AltUp's algebra runs in fp32 whatever the autocast: the innovation ỹ − x̂^{j*} is
         # small next to the stream and would lose its bits in bf16 (spec, Numerics).
-        if self.layer_input == "original":
+        fused = torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        slot = _GradSlot() if fused and self.layer_input == "original" else None
+        if slot is not None:
+            layer_in = _TakeBlock.apply(x, self._active, slot)
+        elif self.layer_input == "original":
             layer_in = x[self._active]
         else:
             with torch.autocast(x.device.type, enabled=False):
-                flat = x.float().reshape(self.K, -1)
+                flat = _fp32(x).reshape(self.K, -1)
                 layer_in = (self.predictor[self._active] @ flat).view(x.shape[1:]).type_as(x)
         layer_out = self.layer(layer_in, cos, sin)
         with torch.autocast(x.device.type, enabled=False):
-            stacked = torch.cat([x.float().reshape(self.K, -1), layer_out.float().reshape(1, -1)])
-            return (self.mixing() @ stacked).view(x.shape).type_as(x)
+            if fused:
+                return _Mix.apply(x, layer_out, self.mixing(), slot).type_as(x)
+            return mix_reference(x, layer_out, self.mixing()).type_as(x)
+
+
+def mix_reference(x: torch.Tensor, layer_out: torch.Tensor, mixing: torch.Tensor) -> torch.Tensor:
+    """y = M · [x¹ … x^K, ỹ] in fp32, as plain tensor ops (what torch.compile fuses)."""
+    K = x.shape[0]
+    stacked = torch.cat([_fp32(x).reshape(K, -1), _fp32(layer_out).reshape(1, -1)])
+    return (mixing @ stacked).view(x.shape)
+
+
+class _GradSlot:
+    """Hands the stream's gradient from `_Mix.backward` to `_TakeBlock.backward`, so the
+    activated block's two gradients (through the mixing and through the layer) are summed
+    in place instead of through a zero-filled K-block scatter and a K-block add."""
+
+    grad: torch.Tensor | None = None
+
+
+class _TakeBlock(torch.autograd.Function):
+    """x[j*] whose backward adds the layer-input gradient into the slot's stream gradient.
+    Its backward always runs after `_Mix.backward`: its output feeds only the layer, whose
+    output feeds only the mixing."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, block: int, slot: _GradSlot) -> torch.Tensor:
+        ctx.block, ctx.slot, ctx.shape = block, slot, x.shape
+        return x[block]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        stream_grad, ctx.slot.grad = ctx.slot.grad, None
+        if stream_grad is None:
+            stream_grad = grad.new_zeros(ctx.shape)
+        stream_grad[ctx.block] += grad
+        return stream_grad, None, None
+
+
+class _Mix(torch.autograd.Function):
+    """`mix_reference` with a hand-written backward: [∂x; ∂ỹ] = Mᵀ·∂y in one product, and
+    the stream's gradient passed through the slot when `_TakeBlock` made the layer input."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        layer_out: torch.Tensor,
+        mixing: torch.Tensor,
+        slot: _GradSlot | None,
+    ) -> torch.Tensor:
+        K = x.shape[0]
+        flat, y = _fp32(x).reshape(K, -1), _fp32(layer_out).reshape(-1)
+        out = torch.mm(mixing[:, :K], flat).addr_(mixing[:, K], y)
+        ctx.save_for_backward(flat, y, mixing)
+        ctx.slot, ctx.shapes = slot, (x.shape, layer_out.shape)
+        ctx.dtypes = (x.dtype, layer_out.dtype)
+        return out.view(x.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(
+        ctx: Any, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, None]:
+        flat, y, mixing = ctx.saved_tensors
+        K = flat.shape[0]
+        g = _fp32(grad).reshape(K, -1)
+        inputs_grad = torch.mm(mixing.t(), g)  # (K+1, N): rows ∂x¹…∂x^K, ∂ỹ
+        mixing_grad = torch.cat([torch.mm(g, flat.t()), torch.mv(g, y)[:, None]], dim=1)
+        x_shape, out_shape = ctx.shapes
+        x_grad = inputs_grad[:K].view(x_shape).to(ctx.dtypes[0])
+        out_grad = inputs_grad[K].view(out_shape).to(ctx.dtypes[1])
+        if ctx.slot is not None:
+            ctx.slot.grad, x_grad = x_grad, None
+        return x_grad, out_grad, mixing_grad, None
 
 
 class SequenceAltUpLayer(nn.Module):
@@ -151,10 +234,10 @@ class SequenceAltUpLayer(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             alpha, beta = self.predictor[0], self.predictor[1]
             of_anchor = torch.arange(T, device=x.device) // k  # anchor index of each token
-            x32, a32 = x.float(), anchors.float()
+            x32, a32 = _fp32(x), _fp32(anchors)
             predicted = alpha * x32 + beta * a32.index_select(1, of_anchor)
             pred_anchor = (alpha + beta) * a32
-            innovation = (anchors.float() - pred_anchor) + (anchor_out.float() - anchors.float())
+            innovation = (a32 - pred_anchor) + (_fp32(anchor_out) - a32)
             out = predicted + self.corrector * innovation.index_select(1, of_anchor)
         return out.type_as(x)
 
