@@ -30,10 +30,10 @@ from altup_cli.models.counting import parameter_counts
 from altup_cli.models.transformer import ModelConfig, TransformerLM
 from altup_cli.training.lm_module import (
     LanguageModelModule,
-    adamw,
     lm_loss,
     warmup_cosine,
 )
+from altup_cli.training.optim import build_optimizer, dense_parameters
 
 OPTIM = {
     "lr": 1e-3,
@@ -131,7 +131,7 @@ class BareTrainer:
         if compile:
             self.model.compile()
         o = OPTIM
-        self.optimizer = adamw(self.model, o)
+        self.optimizer = build_optimizer(self.model, o, cfg.ffn.table_lr)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda s: warmup_cosine(s, o["warmup_steps"], total_steps, o["min_lr_ratio"]),
@@ -146,8 +146,9 @@ class BareTrainer:
         self.optimizer.zero_grad(set_to_none=True)  # before the forward, as Lightning does
         with self.autocast:
             loss = lm_loss(self.model(batch[:, :-1]), batch[:, 1:])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), OPTIM["grad_clip"])
+            aux = self.model.aux_loss()
+        (loss if aux is None else loss + aux).backward()
+        torch.nn.utils.clip_grad_norm_(dense_parameters(self.optimizer), OPTIM["grad_clip"])
         self.optimizer.step()
         self.schedule.step()
         return loss.item()

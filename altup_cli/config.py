@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from altup_cli.errors import UserError
 from altup_cli.models.altup import AltUpConfig
+from altup_cli.models.feedforward import FFNConfig
 from altup_cli.models.transformer import ModelConfig
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -158,9 +159,10 @@ class Settings:
     logger: LoggerSettings
     model: dict[str, Any]  # checked into ModelConfig once the vocabulary size is known
     altup: AltUpConfig
+    ffn: FFNConfig
 
     def model_config(self, vocab_size: int) -> ModelConfig:
-        values = {**self.model, "altup": self.altup}
+        values = {**self.model, "altup": self.altup, "ffn": self.ffn}
         if values.get("vocab_size") is None:
             values["vocab_size"] = -(-vocab_size // 64) * 64
         elif values["vocab_size"] < vocab_size:
@@ -250,7 +252,7 @@ def validate(cfg: DictConfig) -> Settings:
     assert isinstance(raw, dict)
     raw.pop("hydra", None)
     raw.pop("recipes", None)
-    expected = {"run", "optim", "data", "tokenizer", "trainer", "logger", "model", "altup"}
+    expected = {"run", "optim", "data", "tokenizer", "trainer", "logger", "model", "altup", "ffn"}
     unknown = sorted(set(raw) - expected)
     _require(not unknown, f"config: unknown top-level key(s) {', '.join(unknown)}")
     _check_model_types(raw["model"])
@@ -263,6 +265,7 @@ def validate(cfg: DictConfig) -> Settings:
         logger=_section(LoggerSettings, raw["logger"], "logger"),
         model=raw["model"],
         altup=_section(AltUpConfig, raw["altup"], "altup"),
+        ffn=_section(FFNConfig, raw["ffn"], "ffn"),
     )
     _check_values(s)
     return s

@@ -4,6 +4,7 @@ multiply-add)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -21,7 +22,18 @@ def _matrix_vector(mat_shape, vec_shape, *_, **__) -> int:
     return 2 * mat_shape[0] * mat_shape[1]
 
 
-EXTRA_FORMULAS = {aten.addr: _outer_product, aten.addr_: _outer_product, aten.mv: _matrix_vector}
+def _weighted_bag(weight_shape, indices_shape, *_, **__) -> int:
+    """embedding_bag with per-sample weights: a multiply-add per gathered element."""
+    return 2 * math.prod(indices_shape) * weight_shape[1]
+
+
+EXTRA_FORMULAS = {
+    aten.addr: _outer_product,
+    aten.addr_: _outer_product,
+    aten.mv: _matrix_vector,
+    aten._embedding_bag: _weighted_bag,
+    aten._embedding_bag_forward_only: _weighted_bag,
+}
 
 
 def count_flops(fn: Callable[[], object]) -> FlopCounterMode:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import altup_cli
 from altup_cli.models import ModelConfig, TransformerLM, parameter_counts, training_flops_per_token
 from altup_cli.models.altup import AltUpConfig, AltUpLayer, SequenceAltUpLayer
-from altup_cli.training.lm_module import param_groups
+from altup_cli.training.optim import param_groups
 from tests.flops import count_flops
 
 BASE = dict(vocab_size=301, d_model=32, n_layers=4, n_heads=4, d_ff=64, max_seq_len=40)

@@ -59,6 +59,15 @@ BAD = [
     (["altup=sequence_s2", "altup.stride=0"], "altup.stride must be >= 1"),
     (["altup=k3"], "altup/k3"),
     (["altup=k2", "altup.readout=wide"], "altup.readout"),
+    (["ffn=peer", "ffn.num_experts=1000"], "ffn.num_experts must be a perfect square"),
+    (["ffn=peer", "ffn.num_experts=64", "ffn.topk=9"], "exceeds √ffn.num_experts = 8"),
+    (["ffn=pkm", "ffn.d_key=33"], "ffn.d_key must be even"),
+    (["ffn=peer", "ffn.heads=0"], "ffn.heads must be >= 1"),
+    (["ffn=peer", "ffn.layers=first"], "ffn.layers must be all, middle or a list"),
+    (["ffn=peer", "ffn.layers=[0,7]"], "ffn.layers: [7] out of range"),
+    (["ffn=moe", "ffn.topk=9"], "ffn.topk=9 exceeds ffn.num_experts=8"),
+    (["ffn=moe", "ffn.routing=random"], "ffn.routing"),
+    (["ffn=sparse"], "ffn/sparse"),
 ]
 
 

@@ -83,11 +83,17 @@ def test_train_writes_a_complete_run_directory(
     assert any("train/device/items_per_sec" in r for r in rows)  # tokens/s
 
 
+PEER_TINY = ["ffn=peer", "ffn.num_experts=64", "ffn.heads=2", "ffn.topk=4", "ffn.d_key=8"]
+
+
+@pytest.mark.parametrize("ffn", [[], PEER_TINY], ids=["dense", "peer"])
 def test_resume_reproduces_the_uninterrupted_run(
-    altup, corpus_dir: Path, cache_dir: Path, tmp_path: Path
+    altup, ffn: list[str], corpus_dir: Path, cache_dir: Path, tmp_path: Path
 ) -> None:
+    """PEER adds query BatchNorm statistics and lazy-Adam table state to what a resume
+    must restore."""
     tiny = tiny_overrides(corpus_dir, cache_dir, tmp_path / "unused")
-    base = [*tiny, "logger=csv", "optim.schedule_steps=8"]
+    base = [*tiny, *ffn, "logger=csv", "optim.schedule_steps=8"]
 
     full_out = tmp_path / "full"
     assert altup("train", *base, "trainer.max_steps=8", f"run.output_dir={full_out}").code == 0
@@ -191,6 +197,31 @@ def test_altup_variants_train_and_export(
     ids = torch.randint(0, 300, (1, 20))
     with torch.no_grad():
         torch.testing.assert_close(model(ids), from_ckpt(ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("ffn", ["peer", "moe"])
+def test_sparse_feedforwards_train_and_log_to_wandb(
+    altup, ffn: str, corpus_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    outputs = tmp_path / "outputs"
+    small = PEER_TINY[1:] if ffn == "peer" else ["ffn.num_experts=4"]
+    args = [*tiny_overrides(corpus_dir, cache_dir, outputs, steps=4), "logger=wandb"]
+    result = altup("train", f"ffn={ffn}", *small, "altup=k2", *args)
+    assert result.code == 0, result.stderr
+    run = _run_dir(outputs)
+    _, cfg = altup_cli.load(run)
+    assert cfg.ffn.kind == ffn and cfg.altup.K == 2
+    rows = history(next(run.glob("wandb/offline-run-*/run-*.wandb")))
+    if ffn == "peer":  # the middle layer of 2 is layer 1
+        usage = [
+            r["experts/blocks.1.layer.ffn/usage"]
+            for r in rows
+            if "experts/blocks.1.layer.ffn/usage" in r
+        ]
+        assert len(usage) == 4 and all(0 < u <= 1 for u in usage)
+    else:
+        aux = [r["train/aux_loss"] for r in rows if "train/aux_loss" in r]
+        assert len(aux) == 4 and all(a > 0 for a in aux)
 
 
 def test_compare_trains_every_variant_on_the_same_tokens(

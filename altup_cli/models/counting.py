@@ -6,9 +6,18 @@ counts. Attention scores are counted over the full T×T square, as FlopCounterMo
 `scaled_dot_product_attention` even when it is causal; `causal=True` counts the average
 causal context (T+1)/2 instead. Training = forward + backward = 3 × forward, since every
 matrix product has two backward products (grad of input and of weight).
+
+Sparse feed-forward layers (PEER, PKM, MoE) count what a token actually computes: the
+query network, the 2·√N sub-key scores per head, the experts or values it retrieves (a
+gathered dot product or weighted row sum is 2 FLOPs per element, like a matrix product),
+the MoE router and its k experts. Product-key retrieval also adds h·k² candidate sums
+(counted, 1 FLOP each, under `retrieval`), which FlopCounterMode does not see, nor top-k,
+softmax or BatchNorm (free here as everywhere).
 """
 
 from __future__ import annotations
+
+import math
 
 from altup_cli.models.transformer import ModelConfig
 
@@ -20,7 +29,8 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
     counts = {
         "embedding": cfg.vocab_size * d * (a.K if a.mode == "altup" else 1),
         "attention": cfg.n_layers * attention,
-        "mlp": cfg.n_layers * 2 * d * cfg.d_ff,
+        "mlp": len(_dense_layers(cfg)) * 2 * d * cfg.d_ff,
+        "experts": len(cfg.ffn.layer_indices(cfg.n_layers)) * _sparse_ffn_parameters(cfg),
         "norms": (2 * cfg.n_layers + 1) * d,
         "altup": cfg.n_layers * _altup_scalars_per_layer(cfg) + _readout_matrix(cfg),
         "lm_head": 0 if cfg.tie_embeddings else cfg.vocab_size * d,
@@ -28,6 +38,45 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
     counts["total"] = sum(counts.values())
     counts["non_embedding"] = counts["total"] - counts["embedding"] - counts["lm_head"]
     return counts
+
+
+def _dense_layers(cfg: ModelConfig) -> list[int]:
+    sparse = set(cfg.ffn.layer_indices(cfg.n_layers))
+    return [i for i in range(cfg.n_layers) if i not in sparse]
+
+
+def _router_parameters(cfg: ModelConfig) -> int:
+    """Query network, query BatchNorm and sub-key tables of product-key retrieval."""
+    f, d = cfg.ffn, cfg.d_model
+    query = d * f.heads * f.d_key + (2 * f.heads * f.d_key if f.query_bn else 0)
+    tables = 1 if f.shared_keys else f.heads
+    return query + tables * math.isqrt(f.num_experts) * f.d_key
+
+
+def _sparse_ffn_parameters(cfg: ModelConfig) -> int:
+    f, d = cfg.ffn, cfg.d_model
+    if f.kind == "peer":
+        return _router_parameters(cfg) + 2 * f.num_experts * d
+    if f.kind == "pkm":
+        return _router_parameters(cfg) + f.num_experts * d
+    if f.kind == "moe":
+        return d * f.num_experts + f.num_experts * 2 * d * cfg.d_ff
+    return 0
+
+
+def active_parameters(cfg: ModelConfig) -> int:
+    """Non-embedding parameters a token uses: the retrieved experts/values (PEER, PKM) or
+    its k experts (MoE) instead of the whole sparse layer."""
+    f, d = cfg.ffn, cfg.d_model
+    counts = parameter_counts(cfg)
+    per_layer = {
+        "peer": lambda: _router_parameters(cfg) + f.heads * f.topk * 2 * d,
+        "pkm": lambda: _router_parameters(cfg) + f.heads * f.topk * d,
+        "moe": lambda: d * f.num_experts + f.topk * 2 * d * cfg.d_ff,
+        "dense": lambda: 0,
+    }[f.kind]()
+    sparse_layers = len(f.layer_indices(cfg.n_layers))
+    return counts["non_embedding"] - counts["experts"] + sparse_layers * per_layer
 
 
 def _altup_scalars_per_layer(cfg: ModelConfig) -> int:
@@ -65,15 +114,32 @@ def forward_flops_per_token(
     predict = 2 * a.K * (a.K + 1) * d if a.widens else 0
     if a.widens and a.layer_input == "predicted":
         predict += 2 * a.K * d
+    experts, retrieval = _sparse_ffn_flops(cfg)
+    sparse_layers = len(cfg.ffn.layer_indices(cfg.n_layers))
     flops = {
         "embedding": 0.0,
         "attention": float(cfg.n_layers * (projections + scores) * processed),
-        "mlp": float(cfg.n_layers * 4 * d * cfg.d_ff * processed),
+        "mlp": float(len(_dense_layers(cfg)) * 4 * d * cfg.d_ff * processed),
+        "experts": float(sparse_layers * experts * processed),
+        "retrieval": float(sparse_layers * retrieval * processed),
         "altup": float(cfg.n_layers * predict + 2 * _readout_matrix(cfg)),
         "lm_head": float(2 * d * cfg.vocab_size),
     }
     flops["total"] = sum(flops.values())
     return flops
+
+
+def _sparse_ffn_flops(cfg: ModelConfig) -> tuple[float, float]:
+    """Forward FLOPs per token of one sparse FFN layer: (matrix-product-like, candidate sums)."""
+    f, d = cfg.ffn, cfg.d_model
+    if f.kind in ("peer", "pkm"):
+        router = 2 * d * f.heads * f.d_key + 2 * f.heads * math.isqrt(f.num_experts) * f.d_key
+        per_row = 4 * d if f.kind == "peer" else 2 * d  # PEER: u·x and g·σ·v; PKM: g·v
+        return float(router + f.heads * f.topk * per_row), float(f.heads * f.topk**2)
+    if f.kind == "moe":
+        tokens_per_expert = f.topk * (f.capacity if f.routing == "expert_choice" else 1.0)
+        return 2.0 * d * f.num_experts + tokens_per_expert * 4 * d * cfg.d_ff, 0.0
+    return 0.0, 0.0
 
 
 def training_flops_per_token(

@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from altup_cli.models.altup import AltUpConfig, Readout, widen, wrap_layer
-from altup_cli.models.feedforward import build_feedforward
+from altup_cli.models.feedforward import FFNConfig, build_feedforward
+from altup_cli.models.peer import ExpertUsage
+from altup_cli.models.product_keys import ProductKeyRetrieval
 
 
 @dataclass
@@ -36,13 +38,17 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
-    ffn: str = "dense"
+    ffn: FFNConfig = field(default_factory=FFNConfig)
     init_std: float = 0.02
     altup: AltUpConfig = field(default_factory=AltUpConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.altup, dict):
             self.altup = AltUpConfig(**self.altup)
+        if isinstance(self.ffn, str):  # checkpoints from before the ffn group
+            self.ffn = FFNConfig(kind=self.ffn)
+        elif isinstance(self.ffn, dict):
+            self.ffn = FFNConfig(**self.ffn)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
@@ -61,6 +67,7 @@ class ModelConfig:
             )
         if self.norm_eps <= 0 or self.init_std <= 0 or self.rope_theta <= 0:
             raise ValueError("model.norm_eps, model.init_std and model.rope_theta must be positive")
+        self.ffn.layer_indices(self.n_layers)  # indices in range
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,6 +86,11 @@ class ModelConfig:
                     f"unknown altup key(s): {', '.join(sorted(set(altup) - altup_known))}"
                 )
             values = {**values, "altup": AltUpConfig(**altup)}
+        ffn = values.get("ffn")
+        if isinstance(ffn, dict):
+            ffn_unknown = sorted(set(ffn) - {f.name for f in fields(FFNConfig)})
+            if ffn_unknown:
+                raise ValueError(f"unknown ffn key(s): {', '.join(ffn_unknown)}")
         return cls(**values)
 
 
@@ -194,6 +206,8 @@ class TransformerLM(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=scale)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
+            if isinstance(module, ProductKeyRetrieval):  # its own scale: unit-variance scores
+                module.reset_parameters()
 
     def run_blocks(self, h: torch.Tensor) -> torch.Tensor:
         cos, sin = self.rotary.cos_sin(h.shape[-2], h.device)
@@ -216,6 +230,28 @@ class TransformerLM(nn.Module):
         if self.head_from_embedding:
             return F.linear(h, self.embed.weight[:, : self.config.d_model])
         return self.lm_head(h)
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """Sum of the auxiliary losses (MoE load balance) of the last forward, if any."""
+        losses = [
+            m.aux_loss
+            for m in self.modules()
+            if isinstance(getattr(m, "aux_loss", None), torch.Tensor)
+        ]
+        return torch.stack(losses).sum() if losses else None
+
+    def expert_usage(self) -> dict[str, dict[str, float]]:
+        """Usage and unevenness (PEER Table 2) per PEER/PKM layer since the last reset."""
+        return {
+            name.removesuffix(".usage"): m.stats()
+            for name, m in self.named_modules()
+            if isinstance(m, ExpertUsage)
+        }
+
+    def reset_expert_usage(self) -> None:
+        for m in self.modules():
+            if isinstance(m, ExpertUsage):
+                m.reset()
 
     def num_parameters(self) -> int:
         """Unique trainable parameters (a tied embedding counts once)."""

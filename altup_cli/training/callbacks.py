@@ -81,3 +81,29 @@ class AlignLogStepOnResume(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, *_: Any) -> None:
         trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
+
+
+class ExpertUsageLogger(L.Callback):
+    """Every `every` steps, log each PEER/PKM layer's expert usage and unevenness (PEER
+    Table 2) over the batches since the last log, summed over ranks, then reset."""
+
+    def __init__(self, every: int) -> None:
+        self.every, self.logged_step = every, -1
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
+        step = trainer.global_step
+        if step == 0 or step % self.every or step == self.logged_step:
+            return
+        self.logged_step = step
+        model = pl_module.model
+        for usage in model.modules():
+            if hasattr(usage, "totals") and trainer.world_size > 1:
+                usage.totals.copy_(trainer.strategy.reduce(usage.totals, reduce_op="sum"))
+        metrics = {
+            f"experts/{layer}/{name}": value
+            for layer, stats in model.expert_usage().items()
+            for name, value in stats.items()
+        }
+        if metrics:
+            pl_module.log_dict(metrics, rank_zero_only=True)
+        model.reset_expert_usage()

@@ -8,10 +8,10 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from altup_cli.models.counting import training_flops_per_token
 from altup_cli.models.transformer import ModelConfig, TransformerLM
+from altup_cli.training.optim import build_optimizer, dense_parameters
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -20,34 +20,6 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def no_weight_decay(name: str, param: nn.Parameter) -> bool:
-    """Norm gains, biases (anything below 2-D) and parameters tagged `_no_weight_decay`."""
-    return param.ndim < 2 or getattr(param, "_no_weight_decay", False)
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if no_weight_decay(name, param) else decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
-def adamw(model: nn.Module, o: dict[str, Any]) -> torch.optim.AdamW:
-    """AdamW with the fused kernel (one pass over all parameters; ~3x faster than the
-    foreach kernel on CPU, and it keeps a wider AltUp embedding cheap to update)."""
-    return torch.optim.AdamW(
-        param_groups(model, o["weight_decay"]),
-        lr=o["lr"],
-        betas=(o["beta1"], o["beta2"]),
-        eps=o["eps"],
-        fused=True,
-    )
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -78,7 +50,21 @@ class LanguageModelModule(L.LightningModule):
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = lm_loss(self(batch[:, :-1]), batch[:, 1:])
         self.log("train/loss", loss, prog_bar=True)
+        aux = self.model.aux_loss()
+        if aux is not None:  # MoE load balance, already weighted by ffn.balance_weight
+            self.log("train/aux_loss", aux)
+            return loss + aux
         return loss
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        # Clip the dense parameters' global norm; the sparse expert tables step lazily.
+        if gradient_clip_val:
+            torch.nn.utils.clip_grad_norm_(dense_parameters(optimizer), gradient_clip_val)
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         loss = lm_loss(self(batch[:, :-1]), batch[:, 1:])
@@ -92,7 +78,7 @@ class LanguageModelModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.run_config["optim"]
         total = o.get("schedule_steps") or self.run_config["trainer"]["max_steps"]
-        optimizer = adamw(self.model, o)
+        optimizer = build_optimizer(self.model, o, self.model_config.ffn.table_lr)
         warmup, min_ratio = o["warmup_steps"], o["min_lr_ratio"]
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, warmup, total, min_ratio)

@@ -39,6 +39,7 @@ from altup_cli.export import read_checkpoint, save_export
 from altup_cli.models.counting import parameter_counts, training_flops_per_token
 from altup_cli.training.callbacks import (
     AlignLogStepOnResume,
+    ExpertUsageLogger,
     LineProgress,
     TrainingStats,
     ValidateAtEnd,
@@ -318,6 +319,8 @@ def build_trainer(s: Settings, run_dir: Path, stats: TrainingStats, logger: Any)
     ]
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if s.ffn.kind in ("peer", "pkm"):
+        callbacks.append(ExpertUsageLogger(t.log_every_n_steps))
     interactive = sys.stderr.isatty()
     callbacks.append(RichProgressBar() if interactive else LineProgress(t.log_every_n_steps, stats))
     return L.Trainer(

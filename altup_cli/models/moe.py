@@ -1,0 +1,106 @@
+"""Coarse mixture of experts: E experts, each an MLP the size of the dense one.
+
+- `token_choice` (Shazeer et al. 2017; Switch, Fedus et al. 2022): each token goes to its
+  top-k experts, weighted by their router probabilities renormalised over the k; every
+  token is processed (no capacity, no dropping). Load balance: the Switch auxiliary loss
+  E · Σ_e f_e · P_e (f_e: fraction of the n·k assignments to e, P_e: mean probability),
+  which is 1 when routing is uniform.
+- `expert_choice` (Zhou et al. 2022, the routing the PEER paper's MoE baseline used): each
+  expert takes the C = ⌈capacity·k·n/E⌉ tokens it scores highest, weighted by their
+  probability. Balanced by construction (no auxiliary loss). It ranks tokens across the
+  whole batch, so a token's output can depend on later tokens: not causal.
+`MoE.forward_naive` runs every expert on every token and masks: the oracle.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROUTINGS = ("token_choice", "expert_choice")
+
+
+class MoE(nn.Module):
+    """(..., d) → (..., d); `aux_loss` holds the last forward's weighted balance loss."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int = 8,
+        topk: int = 2,
+        routing: str = "token_choice",
+        capacity: float = 1.0,
+        balance_weight: float = 0.01,
+        init_std: float = 0.02,
+        output_std: float = 0.02,
+    ) -> None:
+        super().__init__()
+        if routing not in ROUTINGS:
+            raise ValueError(f"ffn.routing must be token_choice or expert_choice, got {routing!r}")
+        if num_experts < 1 or not 1 <= topk <= num_experts:
+            raise ValueError(f"ffn.topk must be in [1, ffn.num_experts={num_experts}], got {topk}")
+        if capacity <= 0:
+            raise ValueError(f"ffn.capacity must be positive, got {capacity}")
+        self.topk, self.routing, self.capacity = topk, routing, capacity
+        self.balance_weight = balance_weight
+        self.router = nn.Linear(d_model, num_experts, bias=False)
+        self.w1 = nn.Parameter(torch.randn(num_experts, d_model, d_ff) * init_std)
+        self.w2 = nn.Parameter(torch.randn(num_experts, d_ff, d_model) * output_std)
+        self.aux_loss: torch.Tensor | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.w1.shape[0]
+
+    def probabilities(self, flat: torch.Tensor) -> torch.Tensor:
+        logits = self.router(flat)  # softmax in fp32 at least, whatever the autocast
+        return (logits if logits.dtype == torch.float64 else logits.float()).softmax(-1)
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x @ self.w1[e]) @ self.w2[e]
+
+    def assignments(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routing weights as a dense (n, E) matrix (zero where a token skips an expert) and
+        the (n, E) boolean mask of assignments."""
+        n, E = probs.shape
+        mask = torch.zeros_like(probs, dtype=torch.bool)
+        if self.routing == "token_choice":
+            top = probs.topk(self.topk, dim=-1).indices
+            mask.scatter_(1, top, True)
+            weights = probs * mask
+            return weights / weights.sum(-1, keepdim=True), mask
+        capacity = min(n, math.ceil(self.capacity * self.topk * n / E))
+        top = probs.topk(capacity, dim=0).indices  # (C, E): each expert's tokens
+        mask.scatter_(0, top, True)
+        return probs * mask, mask
+
+    def balance_loss(self, probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        fraction = mask.float().mean(0) / self.topk  # f_e over the n·k assignments
+        return self.num_experts * (fraction * probs.mean(0)).sum()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        probs = self.probabilities(flat)
+        weights, mask = self.assignments(probs)
+        self.aux_loss = (
+            self.balance_weight * self.balance_loss(probs, mask)
+            if self.routing == "token_choice" and self.training
+            else None
+        )
+        out = torch.zeros_like(flat)
+        for e in range(self.num_experts):  # a loop over experts, never over tokens
+            tokens = mask[:, e].nonzero().flatten()
+            if tokens.numel():
+                y = self.expert(e, flat[tokens]) * weights[tokens, e, None].to(flat.dtype)
+                out.index_add_(0, tokens, y)
+        return out.view(x.shape)
+
+    def forward_naive(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        weights, _ = self.assignments(self.probabilities(flat))
+        every = torch.stack([self.expert(e, flat) for e in range(self.num_experts)], 1)
+        return torch.einsum("ne,ned->nd", weights.to(flat.dtype), every).view(x.shape)

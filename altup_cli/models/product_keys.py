@@ -1,0 +1,90 @@
+"""Product-key retrieval (Lample et al. 2019, PKM §3.2; PEER §2): the exact top-k of N keys
+at the cost of 2·√N sub-key scores and k² candidate sums.
+
+A key is the concatenation [c_i; c'_j] of one sub-key from each of two tables of √N; its
+score against q = [q1; q2] is q1·c_i + q2·c'_j. The top-k of all N sums lies among the sums
+of the two sub-score top-k lists (any key outside them is beaten by k keys inside), so
+retrieval is exact. The flat key index is i·√N + j.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def sqrt_keys(num_keys: int) -> int:
+    """√N, or a ValueError when N is not a perfect square."""
+    root = math.isqrt(num_keys)
+    if num_keys < 1 or root * root != num_keys:
+        raise ValueError(f"ffn.num_experts must be a perfect square, got {num_keys}")
+    return root
+
+
+class ProductKeyRetrieval(nn.Module):
+    """(n, d_in) tokens → router scores and flat indices of the top-k keys, each (n, h, k).
+
+    h heads each have a query network (one Linear for all heads, then BatchNorm over the
+    query features when `query_bn`); heads share one pair of sub-key tables when
+    `shared_keys` (PEER's choice) or own one each (PKM's).
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        num_keys: int,
+        heads: int,
+        topk: int,
+        d_key: int,
+        query_bn: bool = True,
+        shared_keys: bool = True,
+    ) -> None:
+        super().__init__()
+        self.root = sqrt_keys(num_keys)
+        if heads < 1:
+            raise ValueError(f"ffn.heads must be >= 1, got {heads}")
+        if d_key < 2 or d_key % 2:
+            raise ValueError(f"ffn.d_key must be even and >= 2, got {d_key}")
+        if not 1 <= topk <= self.root:
+            raise ValueError(f"ffn.topk must be in [1, √num_experts = {self.root}], got {topk}")
+        self.heads, self.topk, self.d_key = heads, topk, d_key
+        self.query = nn.Linear(d_in, heads * d_key, bias=False)
+        self.query_bn = nn.BatchNorm1d(heads * d_key) if query_bn else None
+        # (tables, 2, √N, d_key/2): tables = 1 when shared, else one per head.
+        tables = 1 if shared_keys else heads
+        self.sub_keys = nn.Parameter(torch.empty(tables, 2, self.root, d_key // 2))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Unit-variance queries (BN) against sub-keys of variance 2/d_key: unit-scale scores.
+        nn.init.normal_(self.sub_keys, std=(self.d_key // 2) ** -0.5)
+        nn.init.normal_(self.query.weight, std=self.query.in_features**-0.5)
+
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, d_in) → (n, h, 2, d_key/2)."""
+        q = self.query(x)
+        if self.query_bn is not None:
+            q = self.query_bn(q)
+        return q.view(x.shape[0], self.heads, 2, self.d_key // 2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = self.queries(x)
+        keys = self.sub_keys.expand(self.heads, -1, -1, -1)  # (h, 2, √N, d_key/2)
+        # Sub-key scores for each head and half: (n, h, 2, √N).
+        sub = torch.einsum("nhsd,hsrd->nhsr", q, keys)
+        k = self.topk
+        top_scores, top_idx = sub.topk(k, dim=-1)  # (n, h, 2, k)
+        candidates = top_scores[:, :, 0, :, None] + top_scores[:, :, 1, None, :]  # (n,h,k,k)
+        scores, flat = candidates.flatten(-2).topk(k, dim=-1)  # (n, h, k)
+        rows = top_idx[:, :, 0].gather(-1, flat // k)
+        cols = top_idx[:, :, 1].gather(-1, flat % k)
+        return scores, rows * self.root + cols
+
+    def all_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Scores of all N keys, (n, h, N): the exhaustive oracle of `forward`."""
+        q = self.queries(x)
+        keys = self.sub_keys.expand(self.heads, -1, -1, -1)
+        sub = torch.einsum("nhsd,hsrd->nhsr", q, keys)
+        return (sub[:, :, 0, :, None] + sub[:, :, 1, None, :]).flatten(-2)

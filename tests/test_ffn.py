@@ -1,0 +1,218 @@
+"""PEER, PKM and MoE: exact retrieval, the fast paths against their naive oracles (outputs
+and gradients), Eq. 8, the lazy optimizer, expert usage, counting and training."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from altup_cli.models import ModelConfig, TransformerLM, parameter_counts
+from altup_cli.models.altup import AltUpConfig
+from altup_cli.models.counting import active_parameters, forward_flops_per_token
+from altup_cli.models.feedforward import MLP, FFNConfig
+from altup_cli.models.moe import MoE
+from altup_cli.models.peer import PEER, ExpertUsage
+from altup_cli.models.pkm import PKM
+from altup_cli.models.product_keys import ProductKeyRetrieval
+from altup_cli.training.optim import build_optimizer
+from tests.flops import count_flops
+
+OPTIM = {"lr": 1e-2, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8}
+
+
+def grads_of(module: torch.nn.Module, x: torch.Tensor, forward) -> dict[str, torch.Tensor]:
+    """Output and every gradient (sparse ones made dense) of a fixed linear functional."""
+    module.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_()
+    out = forward(x)
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)).sum().backward()
+    result = {"out": out.detach(), "x": x.grad}
+    for name, p in module.named_parameters():
+        if p.grad is not None:
+            result[name] = p.grad.to_dense() if p.grad.is_sparse else p.grad
+    return result
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize(("num_keys", "topk"), [(16, 4), (256, 16), (1024, 32)])
+def test_product_keys_return_the_exhaustive_top_k(shared: bool, num_keys: int, topk: int) -> None:
+    torch.manual_seed(num_keys)
+    r = ProductKeyRetrieval(24, num_keys, heads=3, topk=topk, d_key=8, shared_keys=shared)
+    r = r.double().train()
+    x = torch.randn(50, 24, dtype=torch.float64)
+    scores, idx = r(x)
+    best, best_idx = r.all_scores(x).topk(topk, dim=-1)
+    torch.testing.assert_close(scores, best, rtol=0, atol=1e-12)
+    assert torch.equal(idx, best_idx)  # random fp64 scores: no ties
+
+
+PEER_CASES = [
+    dict(query_bn=True, shared_keys=True, activation="gelu"),
+    dict(query_bn=False, shared_keys=False, activation="relu"),
+]
+
+
+@pytest.mark.parametrize("options", PEER_CASES)
+def test_peer_equals_its_naive_oracle(options: dict) -> None:
+    torch.manual_seed(0)
+    peer = PEER(16, 64, heads=3, topk=4, d_key=6, **options).double().train()
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    assert_same(grads_of(peer, x, peer), grads_of(peer, x, peer.forward_naive))
+
+
+def test_peer_with_k1_is_an_mlp_with_h_neurons() -> None:
+    """Eq. 8: k = 1 makes each router weight 1, so a token's output is the MLP whose h
+    hidden neurons are its h retrieved experts."""
+    torch.manual_seed(1)
+    d, h = 12, 5
+    peer = PEER(d, 49, heads=h, topk=1, d_key=4, query_bn=False).double()
+    x = torch.randn(7, d, dtype=torch.float64)
+    with torch.no_grad():
+        out = peer(x)
+        _, idx = peer.retrieval(x)
+        for t in range(x.shape[0]):
+            mlp = MLP(d, h).double()
+            mlp.w1.weight.copy_(peer.up[idx[t, :, 0]])
+            mlp.w2.weight.copy_(peer.down[idx[t, :, 0]].T)
+            torch.testing.assert_close(out[t], mlp(x[t]), rtol=0, atol=1e-12)
+
+
+def test_pkm_equals_its_naive_oracle() -> None:
+    torch.manual_seed(2)
+    pkm = PKM(16, 81, heads=2, topk=5, d_key=4).double().train()
+    x = torch.randn(3, 7, 16, dtype=torch.float64)
+    assert_same(grads_of(pkm, x, pkm), grads_of(pkm, x, pkm.forward_naive))
+
+
+@pytest.mark.parametrize("routing", ["token_choice", "expert_choice"])
+def test_moe_equals_its_naive_oracle(routing: str) -> None:
+    torch.manual_seed(3)
+    moe = MoE(16, 24, num_experts=5, topk=2, routing=routing, capacity=1.5).double().train()
+    x = torch.randn(2, 11, 16, dtype=torch.float64)
+    fast, naive = grads_of(moe, x, moe), grads_of(moe, x, moe.forward_naive)
+    assert_same(fast, naive)
+    assert (moe.aux_loss is not None) == (routing == "token_choice")
+
+
+def test_moe_balance_loss_is_one_when_uniform() -> None:
+    moe = MoE(4, 8, num_experts=4, topk=1)
+    probs = torch.full((8, 4), 0.25)
+    mask = torch.eye(4, dtype=torch.bool).repeat(2, 1)  # each expert gets 2 of 8 tokens
+    assert float(moe.balance_loss(probs, mask)) == pytest.approx(1.0)
+    skewed = torch.zeros(8, 4, dtype=torch.bool)
+    skewed[:, 0] = True
+    assert float(moe.balance_loss(torch.eye(4)[[0] * 8], skewed)) == pytest.approx(4.0)
+
+
+def test_expert_usage_and_unevenness_by_hand() -> None:
+    usage = ExpertUsage(4)
+    usage.record(torch.tensor([[0, 1], [1, 1]]), torch.tensor([[0.5, 0.5], [0.25, 0.75]]))
+    # Totals: expert 0 → 0.5, expert 1 → 1.5, experts 2 and 3 → 0; z = (0.25, 0.75, 0, 0).
+    stats = usage.stats()
+    assert stats["usage"] == 0.5
+    expected = math.log(4) + 0.25 * math.log(0.25) + 0.75 * math.log(0.75)
+    assert stats["unevenness"] == pytest.approx(expected, rel=1e-6)
+    usage.reset()
+    assert usage.stats()["usage"] == 0.0
+
+
+def test_lazy_adam_touches_only_retrieved_rows() -> None:
+    """With retrieval frozen and a fixed batch, lazy Adam on the sparse table gradients
+    equals dense Adam on the zero-padded ones (never-retrieved rows get zero moments and
+    zero updates there too), and rows never retrieved keep their values and moments."""
+    torch.manual_seed(4)
+    peer = PEER(8, 400, heads=2, topk=3, d_key=4, query_bn=False)
+    reference = PEER(8, 400, heads=2, topk=3, d_key=4, query_bn=False)
+    reference.load_state_dict(peer.state_dict())
+    for module in (peer, reference):
+        module.retrieval.requires_grad_(False)
+    lazy = build_optimizer(peer, OPTIM, table_lr=3e-3)
+    assert [g["lazy"] for g in lazy.param_groups] == [False, False, True]
+    dense = torch.optim.Adam([reference.up, reference.down], lr=3e-3, betas=(0.9, 0.95))
+    before = peer.up.detach().clone()
+    x = torch.randn(6, 8)
+    for _ in range(3):
+        for module in (peer, reference):
+            module.zero_grad(set_to_none=True)
+        peer(x).pow(2).sum().backward()
+        reference.forward_naive(x).pow(2).sum().backward()
+        assert peer.up.grad.is_sparse and peer.down.grad.is_sparse
+        lazy.step()
+        dense.step()
+    retrieved = sorted(set(peer.route(x)[1].flatten().tolist()))
+    never = sorted(set(range(400)) - set(retrieved))
+    assert torch.equal(peer.up[never], before[never])
+    assert not lazy.state[peer.up]["exp_avg"][never].any()
+    assert (peer.up[retrieved] != before[retrieved]).all(-1).all()
+    for name in ("up", "down"):
+        torch.testing.assert_close(
+            getattr(peer, name), getattr(reference, name), rtol=1e-5, atol=1e-7
+        )
+
+
+def model(ffn: dict, altup: dict | None = None) -> TransformerLM:
+    torch.manual_seed(5)
+    cfg = ModelConfig(
+        vocab_size=97, d_model=16, n_layers=3, n_heads=2, d_ff=32, max_seq_len=16,
+        ffn=FFNConfig(**ffn), altup=AltUpConfig(**(altup or {})),
+    )  # fmt: skip
+    return TransformerLM(cfg)
+
+
+KINDS = [
+    dict(kind="peer", num_experts=64, heads=2, topk=4, d_key=8),
+    dict(kind="peer", num_experts=64, heads=2, topk=4, d_key=8, layers="all", query_bn=False),
+    dict(kind="pkm", num_experts=49, heads=2, topk=3, d_key=6, shared_keys=False),
+    dict(kind="moe", num_experts=4, topk=2, layers=[0, 2]),
+    dict(kind="moe", num_experts=4, topk=1, routing="expert_choice", capacity=2.0),
+]
+
+
+@pytest.mark.parametrize("ffn", KINDS)
+def test_counts_equal_the_module_and_flop_counter(ffn: dict) -> None:
+    m = model(ffn).eval()
+    cfg = m.config
+    assert parameter_counts(cfg)["total"] == m.num_parameters()
+    ids = torch.randint(0, 97, (2, 16))
+    with torch.no_grad():
+        counter = count_flops(lambda: m(ids))
+    flops = forward_flops_per_token(cfg, 16)
+    # FlopCounterMode sees matrix products and fused gathers, not the candidate sums.
+    expected = (flops["total"] - flops["retrieval"]) * ids.numel()
+    assert counter.get_total_flops() == pytest.approx(expected, rel=1e-12)
+    assert active_parameters(cfg) < parameter_counts(cfg)["non_embedding"]
+
+
+@pytest.mark.parametrize("ffn", KINDS)
+@pytest.mark.parametrize("altup", [None, dict(mode="altup", K=2)])
+def test_every_kind_trains_inside_the_model(ffn: dict, altup: dict | None) -> None:
+    """One optimizer step moves every parameter that took part (with AltUp too), and the
+    MoE balance loss reaches the router."""
+    m = model(ffn, altup).train()
+    opt = build_optimizer(m, OPTIM, table_lr=1e-2)
+    ids = torch.randint(0, 97, (4, 16))
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    loss = F.cross_entropy(m(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+    aux = m.aux_loss()
+    assert (aux is not None) == (ffn["kind"] == "moe" and ffn.get("routing") != "expert_choice")
+    (loss if aux is None else loss + aux).backward()
+    opt.step()
+    unchanged = [n for n, p in m.named_parameters() if torch.equal(p, before[n])]
+    assert not unchanged, unchanged
+    if ffn["kind"] in ("peer", "pkm"):
+        usage = m.expert_usage()
+        assert usage and all(0 < s["usage"] <= 1 for s in usage.values())
+
+
+def test_old_checkpoints_with_a_string_ffn_still_load() -> None:
+    cfg = ModelConfig.from_dict({"vocab_size": 97, "d_model": 16, "n_heads": 2, "ffn": "dense"})
+    assert cfg.ffn == FFNConfig()
