@@ -142,6 +142,11 @@ Prints ratios (Lightning step vs a bare PyTorch loop on the same model and batch
 
 * `altup bench --suite altup --models mini` — baseline, AltUp K=2, Recycled K=2,
   Sequence-AltUp stride 2 and the dense 2d model, as ratios to the baseline.
+
+* `altup bench --suite peer` — the PEER layer (N = 128² … 1024²) against its naive oracle
+  and dense FFNs of width 4d and h·k, then a full training step with PEER vs dense.
+
+* `altup bench --suite peer --d-models 512 --experts 256 --repeats 5`
 """
 )
 def bench(
@@ -154,10 +159,16 @@ def bench(
     batch_size: int = typer.Option(16, help="Sequences per step."),
     seq_len: int = typer.Option(256, help="Tokens per sequence."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    suite: str = typer.Option("lightning", help="lightning (vs bare loop) or altup (variants)."),
+    suite: str = typer.Option(
+        "lightning", help="lightning (vs bare loop), altup (variants) or peer (FFN layer)."
+    ),
     compile: bool = typer.Option(
         False, "--compile", help="torch.compile the models (altup suite)."
     ),
+    d_models: str = typer.Option("256,512", help="peer suite: model widths."),
+    experts: str = typer.Option("128,256,512,1024", help="peer suite: √N values."),
+    tokens: int = typer.Option(1024, help="peer suite: tokens per layer step."),
+    naive_max: int = typer.Option(1024, help="peer suite: largest √N the naive oracle runs at."),
 ) -> None:
     """Benchmark training-step throughput."""
     from altup_cli.benchmark import run_altup_benchmark, run_benchmark
@@ -168,8 +179,23 @@ def bench(
     elif suite == "altup":
         for preset in presets:
             run_altup_benchmark(preset, steps, warmup, batch_size, seq_len, device, compile)
+    elif suite == "peer":
+        from altup_cli.benchmark_ffn import run_peer_benchmark
+
+        widths, roots = _int_list(d_models, "--d-models"), _int_list(experts, "--experts")
+        run_peer_benchmark(widths, roots, tokens, repeats, naive_max, 4, 256)
     else:
-        raise UserError(f"--suite must be lightning or altup, got {suite!r}")
+        raise UserError(f"--suite must be lightning, altup or peer, got {suite!r}")
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{option} must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise UserError(f"{option} must list positive integers, got {text!r}")
+    return values
 
 
 def main() -> None:

@@ -27,7 +27,13 @@ def _weighted_bag(weight_shape, indices_shape, *_, **__) -> int:
     return 2 * math.prod(indices_shape) * weight_shape[1]
 
 
+def _gathered_dots(grad_shape, weight_shape, indices_shape, *_, **__) -> int:
+    """embedding_bag's per-sample-weight kernel: one d-long dot product per index."""
+    return 2 * math.prod(indices_shape) * weight_shape[1]
+
+
 EXTRA_FORMULAS = {
+    aten._embedding_bag_per_sample_weights_backward: _gathered_dots,
     aten.addr: _outer_product,
     aten.addr_: _outer_product,
     aten.mv: _matrix_vector,

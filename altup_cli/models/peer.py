@@ -25,7 +25,6 @@ from torch import nn
 from altup_cli.models.product_keys import ProductKeyRetrieval
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
-_CHUNK_ELEMENTS = 1 << 22  # gathered floats per chunk of `_ExpertDots.forward` (16 MiB)
 
 
 def expert_table(rows: int, width: int, std: float) -> nn.Parameter:
@@ -35,36 +34,89 @@ def expert_table(rows: int, width: int, std: float) -> nn.Parameter:
     return table
 
 
-def sparse_row_grad(table: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Σ rows into `table`-shaped gradient at `index` (repeats summed when coalesced)."""
-    return torch.sparse_coo_tensor(index[None], rows, table.shape, check_invariants=False)
+def _bags(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(n, m) indices as n bags of m: flat indices, bag offsets and each index's bag."""
+    n, m = idx.shape
+    bag = torch.arange(n, device=idx.device)
+    return idx.flatten(), bag * m, bag.repeat_interleave(m)
+
+
+def gathered_dots(vecs: torch.Tensor, table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """out[t, j] = table[idx[t, j]] · vecs[t], (n, m), without materialising the gathered
+    rows: embedding_bag's per-sample-weight gradient kernel computes exactly these dots."""
+    flat, offsets, bag = _bags(idx)
+    dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        vecs.contiguous(), table, flat, offsets, bag, 0, -1
+    )
+    return dots.view(idx.shape)
+
+
+def row_gradient(
+    table: torch.Tensor, idx: torch.Tensor, coeff: torch.Tensor, vecs: torch.Tensor
+) -> torch.Tensor:
+    """Σ_{(t,j): idx[t,j] = i} coeff[t,j] · vecs[t] for each retrieved row i, as a coalesced
+    sparse gradient of `table`: one weighted bag over `vecs` per distinct row, so the
+    (n·m, d) products are never materialised."""
+    flat = idx.flatten()
+    order = flat.argsort()
+    rows, counts = torch.unique_consecutive(flat[order], return_counts=True)
+    values = F.embedding_bag(
+        order // idx.shape[1],
+        vecs,
+        counts.cumsum(0) - counts,
+        per_sample_weights=coeff.flatten()[order].to(vecs.dtype),
+        mode="sum",
+    )
+    return torch.sparse_coo_tensor(
+        rows[None], values.to(table.dtype), table.shape, is_coalesced=True, check_invariants=False
+    )
 
 
 class _ExpertDots(torch.autograd.Function):
-    """h[t, m] = u_{idx[t, m]} · x[t] without keeping the gathered rows."""
+    """h[t, j] = u_{idx[t, j]} · x[t]."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        n, m = idx.shape
-        out = x.new_empty(n, m)
-        step = max(1, _CHUNK_ELEMENTS // (m * x.shape[1]))
-        for start in range(0, n, step):
-            rows = F.embedding(idx[start : start + step], table)  # (c, m, d)
-            out[start : start + step] = torch.bmm(rows, x[start : start + step, :, None])[..., 0]
+        x = x.to(table.dtype)
         ctx.save_for_backward(x, table, idx)
-        return out
+        return gathered_dots(x, table, idx)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, table, idx = ctx.saved_tensors
         grad_x = grad_table = None
-        if ctx.needs_input_grad[0]:  # ∂x[t] = Σ_m ∂h[t,m] · u_{idx[t,m]}: a weighted bag
+        if ctx.needs_input_grad[0]:  # ∂x[t] = Σ_j ∂h[t,j] · u_{idx[t,j]}: a weighted bag
             grad_x = F.embedding_bag(idx, table, per_sample_weights=grad, mode="sum")
-        if ctx.needs_input_grad[1]:  # ∂u_i = Σ_{(t,m): idx=i} ∂h[t,m] · x[t]
-            rows = (grad[:, :, None] * x[:, None, :]).flatten(0, 1)
-            grad_table = sparse_row_grad(table, idx.flatten(), rows)
+        if ctx.needs_input_grad[1]:  # ∂u_i = Σ_{(t,j): idx=i} ∂h[t,j] · x[t]
+            grad_table = row_gradient(table, idx, grad, x)
         return grad_x, grad_table, None
+
+
+class _ExpertSum(torch.autograd.Function):
+    """y[t] = Σ_j w[t, j] · v_{idx[t, j]}: a weighted bag, with a coalesced row gradient."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, weights: torch.Tensor, table: torch.Tensor, idx: torch.Tensor
+    ) -> torch.Tensor:
+        weights = weights.to(table.dtype)
+        ctx.save_for_backward(weights, table, idx)
+        return F.embedding_bag(idx, table, per_sample_weights=weights, mode="sum")
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        weights, table, idx = ctx.saved_tensors
+        grad = grad.to(table.dtype)
+        grad_w = gathered_dots(grad, table, idx) if ctx.needs_input_grad[0] else None
+        grad_table = row_gradient(table, idx, weights, grad) if ctx.needs_input_grad[1] else None
+        return grad_w, grad_table, None
+
+
+def weighted_rows(weights: torch.Tensor, table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """y[t] = Σ_j weights[t, j] · table[idx[t, j]], (n, d), with a sparse row gradient."""
+    return _ExpertSum.apply(weights, table, idx)
 
 
 class PEER(nn.Module):
@@ -110,10 +162,7 @@ class PEER(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         gates, idx = self.route(flat)
         hidden = ACTIVATIONS[self.activation](_ExpertDots.apply(flat, self.up, idx))
-        out = F.embedding_bag(
-            idx, self.down, per_sample_weights=gates * hidden, mode="sum", sparse=True
-        )
-        return out.view(x.shape)
+        return weighted_rows(gates * hidden, self.down, idx).to(x.dtype).view(x.shape)
 
     def forward_naive(self, x: torch.Tensor) -> torch.Tensor:
         """The same function, materialising the (n, h, k, d) gathers as common code does."""

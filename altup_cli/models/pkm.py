@@ -1,17 +1,16 @@
 """Product-key memory (Lample et al. 2019): h heads retrieve k of N value rows each and return
 their softmax-weighted sum, m(x) = Σ_heads Σ_{i ∈ top-k} softmax(s)_i · v_i.
 
-The weighted sum is one `embedding_bag` (fused gather + sum, sparse gradient of the rows
-retrieved); `PKM.forward_naive` materialises the gather: the oracle.
+The weighted sum is one `embedding_bag` (fused gather + sum, coalesced sparse gradient of the
+rows retrieved; see `peer.py`); `PKM.forward_naive` materialises the gather: the oracle.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from altup_cli.models.peer import ExpertUsage, expert_table
+from altup_cli.models.peer import ExpertUsage, expert_table, weighted_rows
 from altup_cli.models.product_keys import ProductKeyRetrieval
 
 
@@ -44,8 +43,7 @@ class PKM(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         weights, idx = self.route(flat)
-        out = F.embedding_bag(idx, self.values, per_sample_weights=weights, mode="sum", sparse=True)
-        return out.view(x.shape)
+        return weighted_rows(weights, self.values, idx).to(x.dtype).view(x.shape)
 
     def forward_naive(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
