@@ -104,16 +104,17 @@ def compare(
     overrides: list[str] = typer.Argument(None, help="Overrides shared by every variant."),
     recipe: str | None = typer.Option(None, "--recipe", "-r", help="A recipe from recipes/."),
     variant: list[str] = typer.Option(
-        ["altup=off", "altup=k2", "altup=recycled_k2"],
+        None,
         "--variant",
         "-v",
-        help="Overrides of one variant (repeat the option for each).",
+        help="Overrides of one variant (repeat the option for each); default: the recipe's "
+        "`variants:` list, else altup=off, altup=k2, altup=recycled_k2.",
     ),
 ) -> None:
     """Compare variants under equal data and tokens."""
     from altup_cli.compare import compare as run_compare
 
-    run_compare(list(overrides or []), recipe, variant)
+    run_compare(list(overrides or []), recipe, list(variant or []) or None)
 
 
 @app.command()

@@ -9,16 +9,33 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from altup_cli.config import compose_config, validate
 from altup_cli.console import print_table, say
+from altup_cli.errors import UserError
 from altup_cli.training import run
 
+DEFAULT_VARIANTS = ["altup=off", "altup=k2", "altup=recycled_k2"]
 
-def compare(overrides: list[str], recipe: str | None, variants: list[str]) -> list[dict[str, Any]]:
+
+def recipe_variants(overrides: list[str], recipe: str | None) -> list[str]:
+    """The `variants:` list a recipe declares, else the AltUp trio."""
+    declared = compose_config(overrides, recipe).get("variants")
+    if declared is None:
+        return DEFAULT_VARIANTS
+    if not isinstance(declared, Sequence) or isinstance(declared, str) or not declared:
+        raise UserError("variants: expected a non-empty list of override strings")
+    return [str(v) for v in declared]
+
+
+def compare(
+    overrides: list[str], recipe: str | None, variants: list[str] | None = None
+) -> list[dict[str, Any]]:
+    variants = variants or recipe_variants(overrides, recipe)
     planned = []
     for variant in variants:  # compose and validate every variant before training any
         extra = variant.split()
@@ -52,8 +69,10 @@ def print_comparison(rows: list[dict[str, Any]]) -> None:
             "val ppl": lambda r: f"{r['val_ppl']:.2f}",
             "params": lambda r: f"{r['parameters']['total']:,}",
             "non-emb params": lambda r: f"{r['parameters']['non_embedding']:,}",
+            "active params": lambda r: f"{r.get('active_parameters', 0):,}",
             "train FLOPs/token": lambda r: f"{r['training_flops_per_token'] / 1e6:.2f}M",
             "ms/step": lambda r: f"{r['seconds_per_step'] * 1e3:.0f}",
+            "tok/s": lambda r: f"{r['tokens_per_second']:,.0f}",
             "tokens seen": lambda r: f"{r['tokens_seen']:,}",
         },
         rows,

@@ -252,6 +252,7 @@ def validate(cfg: DictConfig) -> Settings:
     assert isinstance(raw, dict)
     raw.pop("hydra", None)
     raw.pop("recipes", None)
+    raw.pop("variants", None)  # a recipe's `altup compare` variants, read by compare
     expected = {"run", "optim", "data", "tokenizer", "trainer", "logger", "model", "altup", "ffn"}
     unknown = sorted(set(raw) - expected)
     _require(not unknown, f"config: unknown top-level key(s) {', '.join(unknown)}")

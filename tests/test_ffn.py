@@ -216,3 +216,21 @@ def test_every_kind_trains_inside_the_model(ffn: dict, altup: dict | None) -> No
 def test_old_checkpoints_with_a_string_ffn_still_load() -> None:
     cfg = ModelConfig.from_dict({"vocab_size": 97, "d_model": 16, "n_heads": 2, "ffn": "dense"})
     assert cfg.ffn == FFNConfig()
+
+
+def test_the_ffn_recipe_compares_at_equal_flops() -> None:
+    """Every variant of recipes/ffn-isoflop composes and is within 5% of the dense
+    model's training FLOPs per token, as the recipe claims."""
+    from altup_cli.compare import recipe_variants
+    from altup_cli.config import compose_config, validate
+    from altup_cli.models.counting import training_flops_per_token
+
+    variants = recipe_variants([], "ffn-isoflop")
+    assert [v.split()[0] for v in variants] == ["ffn=dense", "ffn=moe", "ffn=pkm", "ffn=peer"]
+    flops = []
+    for variant in variants:
+        settings = validate(compose_config(variant.split(), "ffn-isoflop"))
+        cfg = settings.model_config(vocab_size=8192)
+        assert cfg.ffn.kind == variant.split()[0].removeprefix("ffn=")
+        flops.append(training_flops_per_token(cfg, settings.data.seq_len)["total"])
+    assert all(abs(f / flops[0] - 1) <= 0.05 for f in flops), flops

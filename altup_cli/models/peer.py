@@ -29,7 +29,7 @@ ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
 
 def expert_table(rows: int, width: int, std: float) -> nn.Parameter:
     """An N-row table whose gradient is sparse; tagged so the optimizer steps it lazily."""
-    table = nn.Parameter(torch.randn(rows, width) * std)
+    table = nn.Parameter(torch.empty(rows, width).normal_(0.0, std))  # no N×d temporaries
     table._sparse_rows = True  # type: ignore[attr-defined]
     return table
 

@@ -36,7 +36,11 @@ from altup_cli.data.tokenizer import load_tokenizer, tokenizer_from_files, train
 from altup_cli.data.tokens import TokenStream, epochs_covered, tokenize_corpus
 from altup_cli.errors import UserError
 from altup_cli.export import read_checkpoint, save_export
-from altup_cli.models.counting import parameter_counts, training_flops_per_token
+from altup_cli.models.counting import (
+    active_parameters,
+    parameter_counts,
+    training_flops_per_token,
+)
 from altup_cli.training.callbacks import (
     AlignLogStepOnResume,
     ExpertUsageLogger,
@@ -450,6 +454,7 @@ def _fit(
             s.trainer.max_steps,
         ),
         "parameters": counts,
+        "active_parameters": active_parameters(model_cfg),
         "training_flops_per_token": training_flops_per_token(model_cfg, s.data.seq_len)["total"],
         "wall_seconds": wall,
         "best_checkpoint": trainer.checkpoint_callback.best_model_path or None,  # type: ignore[union-attr]
