@@ -25,8 +25,9 @@ import torch.nn.functional as F
 
 from altup_cli.models.feedforward import MLP, FFNConfig
 from altup_cli.models.peer import PEER
+from altup_cli.models.row_gradients import flat_terms, row_chunks
 from altup_cli.models.transformer import ModelConfig, TransformerLM
-from altup_cli.training.optim import build_optimizer, dense_parameters
+from altup_cli.training.optim import ROW_CHUNK, build_optimizer, dense_parameters
 
 HEADS, TOPK, D_KEY = 8, 16, 256
 # The common open-source implementation on a 2-core CPU, d = 512 (spec): N → (tok/s, GiB).
@@ -48,8 +49,15 @@ def _forward(kind: str, module: torch.nn.Module) -> Callable[[torch.Tensor], tor
 
 
 def layer_step(kind: str, module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
+    """Forward and backward; for PEER also every gradient row of both tables, computed
+    chunk by chunk as the optimizer does (and dropped), so the work compared with the
+    naive layer's dense table gradients is the same."""
     module.zero_grad(set_to_none=True)
     _forward(kind, module)(x).backward(grad)
+    if kind == "peer":
+        for table in (module.up, module.down):
+            for _rows in row_chunks(*flat_terms(table), ROW_CHUNK):
+                pass
 
 
 def layer_times(
@@ -73,7 +81,8 @@ def layer_times(
 
 
 def peak_rss_gib(kind: str, d_model: int, num_experts: int, tokens: int) -> float:
-    """Peak RSS of a fresh process that builds the layer and runs two steps."""
+    """Peak RSS of a fresh process that builds the layer and runs two steps (PEER's
+    factored table gradients are turned into rows as in `layer_step`)."""
     code = (
         "import sys, torch; from altup_cli.benchmark_ffn import _rss_probe; "
         f"_rss_probe({kind!r}, {d_model}, {num_experts}, {tokens})"

@@ -344,5 +344,10 @@ def _check_values(s: Settings) -> None:
             s.logger.mode in ("offline", "online", "disabled"),
             f"logger.mode must be offline, online or disabled, got {s.logger.mode!r}",
         )
+    _require(
+        not ("fsdp" in str(t.strategy) and s.ffn.kind in ("peer", "pkm")),
+        f"ffn={s.ffn.kind} does not support trainer.strategy={t.strategy} (its expert tables "
+        "keep factored gradients that DDP supports and FSDP does not); use trainer=ddp",
+    )
     # The model's own invariants (heads dividing the width, even head dim, …).
     s.model_config(vocab_size=s.model.get("vocab_size") or 257)

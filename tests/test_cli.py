@@ -68,6 +68,7 @@ BAD = [
     (["ffn=moe", "ffn.topk=9"], "ffn.topk=9 exceeds ffn.num_experts=8"),
     (["ffn=moe", "ffn.routing=random"], "ffn.routing"),
     (["ffn=sparse"], "ffn/sparse"),
+    (["ffn=peer", "trainer=fsdp"], "ffn=peer does not support trainer.strategy=fsdp"),
 ]
 
 

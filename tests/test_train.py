@@ -133,13 +133,16 @@ def test_resume_auto_picks_the_newest_run_of_that_name(
     assert json.loads((run / "metrics.json").read_text())["steps"] == 5
 
 
+@pytest.mark.parametrize("ffn", [[], [*PEER_TINY, "ffn.query_bn=false"]], ids=["dense", "peer"])
 def test_ddp_on_two_cpu_processes_equals_one_process_with_twice_the_batch(
-    corpus_dir: Path, cache_dir: Path, tmp_path: Path
+    ffn: list[str], corpus_dir: Path, cache_dir: Path, tmp_path: Path
 ) -> None:
     """DDP averages gradients over ranks, and rank r takes half r of each global batch, so
-    2 processes × batch 4 must train the same weights as 1 process × batch 8."""
+    2 processes × batch 4 must train the same weights as 1 process × batch 8. PEER's
+    tables are averaged by the optimizer from every rank's factored gradient instead
+    (query BatchNorm off: its batch statistics are per rank by design)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    common = [*tiny_overrides(corpus_dir, cache_dir, tmp_path, steps=4), "logger=csv"]
+    common = [*tiny_overrides(corpus_dir, cache_dir, tmp_path, steps=4), "logger=csv", *ffn]
 
     def run(name: str, *extra: str) -> Path:
         cmd = [sys.executable, "-m", "altup_cli.cli", "train", *common, f"run.name={name}", *extra]

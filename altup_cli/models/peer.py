@@ -23,15 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from altup_cli.models.product_keys import ProductKeyRetrieval
+from altup_cli.models.row_gradients import add_row_grad, clear_row_grads, expert_table
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
-
-
-def expert_table(rows: int, width: int, std: float) -> nn.Parameter:
-    """An N-row table whose gradient is sparse; tagged so the optimizer steps it lazily."""
-    table = nn.Parameter(torch.empty(rows, width).normal_(0.0, std))  # no N×d temporaries
-    table._sparse_rows = True  # type: ignore[attr-defined]
-    return table
 
 
 def _bags(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -51,27 +45,6 @@ def gathered_dots(vecs: torch.Tensor, table: torch.Tensor, idx: torch.Tensor) ->
     return dots.view(idx.shape)
 
 
-def row_gradient(
-    table: torch.Tensor, idx: torch.Tensor, coeff: torch.Tensor, vecs: torch.Tensor
-) -> torch.Tensor:
-    """Σ_{(t,j): idx[t,j] = i} coeff[t,j] · vecs[t] for each retrieved row i, as a coalesced
-    sparse gradient of `table`: one weighted bag over `vecs` per distinct row, so the
-    (n·m, d) products are never materialised."""
-    flat = idx.flatten()
-    order = flat.argsort()
-    rows, counts = torch.unique_consecutive(flat[order], return_counts=True)
-    values = F.embedding_bag(
-        order // idx.shape[1],
-        vecs,
-        counts.cumsum(0) - counts,
-        per_sample_weights=coeff.flatten()[order].to(vecs.dtype),
-        mode="sum",
-    )
-    return torch.sparse_coo_tensor(
-        rows[None], values.to(table.dtype), table.shape, is_coalesced=True, check_invariants=False
-    )
-
-
 class _ExpertDots(torch.autograd.Function):
     """h[t, j] = u_{idx[t, j]} · x[t]."""
 
@@ -85,16 +58,17 @@ class _ExpertDots(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, table, idx = ctx.saved_tensors
-        grad_x = grad_table = None
+        grad_x = None
         if ctx.needs_input_grad[0]:  # ∂x[t] = Σ_j ∂h[t,j] · u_{idx[t,j]}: a weighted bag
             grad_x = F.embedding_bag(idx, table, per_sample_weights=grad, mode="sum")
         if ctx.needs_input_grad[1]:  # ∂u_i = Σ_{(t,j): idx=i} ∂h[t,j] · x[t]
-            grad_table = row_gradient(table, idx, grad, x)
-        return grad_x, grad_table, None
+            add_row_grad(table, idx, grad, x)
+        return grad_x, None, None
 
 
 class _ExpertSum(torch.autograd.Function):
-    """y[t] = Σ_j w[t, j] · v_{idx[t, j]}: a weighted bag, with a coalesced row gradient."""
+    """y[t] = Σ_j w[t, j] · v_{idx[t, j]}: a weighted bag; the table's gradient is stored
+    factored (`row_gradients`)."""
 
     @staticmethod
     def forward(
@@ -110,8 +84,9 @@ class _ExpertSum(torch.autograd.Function):
         weights, table, idx = ctx.saved_tensors
         grad = grad.to(table.dtype)
         grad_w = gathered_dots(grad, table, idx) if ctx.needs_input_grad[0] else None
-        grad_table = row_gradient(table, idx, weights, grad) if ctx.needs_input_grad[1] else None
-        return grad_w, grad_table, None
+        if ctx.needs_input_grad[1]:  # ∂v_i = Σ_{(t,j): idx=i} w[t,j] · ∂y[t]
+            add_row_grad(table, idx, weights, grad)
+        return grad_w, None, None
 
 
 def weighted_rows(weights: torch.Tensor, table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -157,6 +132,10 @@ class PEER(nn.Module):
         gates = scores.softmax(dim=-1)
         self.usage.record(idx, gates)
         return gates.flatten(1), idx.flatten(1)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        clear_row_grads(self)  # the tables' factored gradients too
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])

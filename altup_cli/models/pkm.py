@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from altup_cli.models.peer import ExpertUsage, expert_table, weighted_rows
+from altup_cli.models.peer import ExpertUsage, weighted_rows
 from altup_cli.models.product_keys import ProductKeyRetrieval
+from altup_cli.models.row_gradients import clear_row_grads, expert_table
 
 
 class PKM(nn.Module):
@@ -39,6 +40,10 @@ class PKM(nn.Module):
         weights = scores.softmax(dim=-1)
         self.usage.record(idx, weights)
         return weights.flatten(1), idx.flatten(1)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        clear_row_grads(self)  # the tables' factored gradients too
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])

@@ -21,6 +21,7 @@ from altup_cli.models.altup import AltUpConfig, Readout, widen, wrap_layer
 from altup_cli.models.feedforward import FFNConfig, build_feedforward
 from altup_cli.models.peer import ExpertUsage
 from altup_cli.models.product_keys import ProductKeyRetrieval
+from altup_cli.models.row_gradients import clear_row_grads
 
 
 @dataclass
@@ -230,6 +231,10 @@ class TransformerLM(nn.Module):
         if self.head_from_embedding:
             return F.linear(h, self.embed.weight[:, : self.config.d_model])
         return self.lm_head(h)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        clear_row_grads(self)  # the tables' factored gradients too
 
     def aux_loss(self) -> torch.Tensor | None:
         """Sum of the auxiliary losses (MoE load balance) of the last forward, if any."""

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from altup_cli.models.counting import training_flops_per_token
+from altup_cli.models.row_gradients import is_table
 from altup_cli.models.transformer import ModelConfig, TransformerLM
 from altup_cli.training.optim import build_optimizer, dense_parameters
 
@@ -35,6 +36,11 @@ class LanguageModelModule(L.LightningModule):
         self.run_config = config
         self.model_config = ModelConfig.from_dict(model_config)
         self.model = TransformerLM(self.model_config)
+        # PEER/PKM tables keep factored gradients that the optimizer averages over ranks
+        # itself (`training.optim`), so DDP leaves them alone.
+        self._ddp_params_and_buffers_to_ignore = [
+            f"model.{name}" for name, p in self.model.named_parameters() if is_table(p)
+        ]
         if config["run"]["compile"]:
             self.model.compile()  # in place: parameter names and checkpoints are unchanged
         seq_len = config["data"]["seq_len"]
@@ -43,6 +49,13 @@ class LanguageModelModule(L.LightningModule):
         self.flops_per_batch = training_flops_per_token(self.model_config, seq_len)["total"] * (
             self.tokens_per_batch
         )
+
+    def on_fit_start(self) -> None:
+        # DDP broadcasts rank 0's parameters except the ignored tables: do those here.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for name, param in self.model.named_parameters():
+                if f"model.{name}" in self._ddp_params_and_buffers_to_ignore:
+                    torch.distributed.broadcast(param.data, src=0)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)

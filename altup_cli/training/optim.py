@@ -14,11 +14,18 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from altup_cli.models.row_gradients import (
+    clear_row_grad,
+    flat_terms,
+    has_row_grad,
+    is_table,
+    row_chunks,
+)
 
-def is_table(param: nn.Parameter) -> bool:
-    return getattr(param, "_sparse_rows", False)
+ROW_CHUNK = 16384  # table rows materialised at a time by the lazy step (32 MiB at d=512)
 
 
 def no_weight_decay(param: nn.Parameter) -> bool:
@@ -73,17 +80,20 @@ class AdamWLazyTables(torch.optim.AdamW):
         for group in groups:
             if group["lazy"]:
                 for param in group["params"]:
-                    if param.grad is not None:
-                        self._lazy_adam(param, group)
+                    self._lazy_adam(param, group)  # a no-op for a table with no gradient
         return loss
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for group in self.param_groups:
+            if group["lazy"]:
+                for param in group["params"]:
+                    clear_row_grad(param)
+
     def _lazy_adam(self, param: torch.Tensor, group: dict[str, Any]) -> None:
-        grad = param.grad
-        if grad.is_sparse:
-            grad = grad.coalesce()
-            rows, values = grad.indices()[0], grad.values()
-        else:  # a dense gradient (e.g. from the naive path): every row is present
-            rows, values = torch.arange(param.shape[0], device=param.device), grad
+        chunks = _gradient_rows(param)
+        if chunks is None:
+            return
         state = self.state[param]
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32)
@@ -92,13 +102,53 @@ class AdamWLazyTables(torch.optim.AdamW):
         state["step"] += 1
         step = float(state["step"])
         beta1, beta2 = group["betas"]
-        m = state["exp_avg"][rows].mul_(beta1).add_(values, alpha=1 - beta1)
-        v = state["exp_avg_sq"][rows].mul_(beta2).addcmul_(values, values, value=1 - beta2)
-        state["exp_avg"][rows] = m
-        state["exp_avg_sq"][rows] = v
-        denom = (v / (1 - beta2**step)).sqrt_().add_(group["eps"])
-        update = (m / (1 - beta1**step)).div_(denom).mul_(group["lr"])
-        param.index_add_(0, rows, update, alpha=-1)
+        for rows, values in chunks:
+            m = state["exp_avg"][rows].mul_(beta1).add_(values, alpha=1 - beta1)
+            v = state["exp_avg_sq"][rows].mul_(beta2).addcmul_(values, values, value=1 - beta2)
+            state["exp_avg"][rows] = m
+            state["exp_avg_sq"][rows] = v
+            denom = (v / (1 - beta2**step)).sqrt_().add_(group["eps"])
+            update = (m / (1 - beta1**step)).div_(denom).mul_(group["lr"])
+            param.index_add_(0, rows, update, alpha=-1)
+        clear_row_grad(param)
+
+
+def _gradient_rows(param: torch.Tensor) -> Any:
+    """(rows, gradient rows) chunks of a table's gradient, from its factored form (averaged
+    over data-parallel ranks, as DDP averages dense gradients) or a `.grad`; None if none."""
+    if has_row_grad(param):
+        rows, coeff, tokens, vecs = flat_terms(param)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            rows, coeff, tokens, vecs = _gather_terms(rows, coeff, tokens, vecs)
+        return row_chunks(rows, coeff, tokens, vecs, ROW_CHUNK)
+    grad = param.grad
+    if grad is None:
+        return None
+    if grad.is_sparse:
+        grad = grad.coalesce()
+        return [(grad.indices()[0], grad.values())]
+    return [(torch.arange(param.shape[0], device=param.device), grad)]
+
+
+def _gather_terms(
+    rows: torch.Tensor, coeff: torch.Tensor, tokens: torch.Tensor, vecs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every rank's terms (equal shapes: equal batches), coefficients divided by the world
+    size so the sum is the mean gradient."""
+    world = dist.get_world_size()
+
+    def gather(t: torch.Tensor) -> list[torch.Tensor]:
+        out = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(out, t.contiguous())
+        return out
+
+    token_offsets = [r * vecs.shape[0] for r in range(world)]
+    return (
+        torch.cat(gather(rows)),
+        torch.cat(gather(coeff)) / world,
+        torch.cat([t + o for t, o in zip(gather(tokens), token_offsets, strict=True)]),
+        torch.cat(gather(vecs)),
+    )
 
 
 def build_optimizer(model: nn.Module, o: dict[str, Any], table_lr: float | None = None) -> Any:

@@ -1,0 +1,109 @@
+"""Expert tables whose gradient is kept in factored form until the optimizer steps.
+
+A PEER/PKM table row i only ever receives Σ_{(t,j): idx[t,j] = i} coeff[t,j] · vecs[t]: a
+sum of token vectors (the layer input x, or the output gradient ∂y) weighted by per-
+retrieval scalars. Backward stores just (idx, coeff, vecs) — O(tokens · (h·k + d)) — on the
+table instead of a gradient tensor; the optimizer turns it into rows chunk by chunk (one
+weighted `embedding_bag` per chunk of distinct rows), so no O(N·d), nor even an
+O(retrieved rows · d), gradient ever exists at once. `materialize_row_grad` builds the
+ordinary (sparse, coalesced) gradient for anyone who wants it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_TERMS = "_row_grad_terms"
+
+
+def expert_table(rows: int, width: int, std: float) -> nn.Parameter:
+    """An N-row table, N(0, std²), tagged so the optimizer steps it lazily."""
+    table = nn.Parameter(torch.empty(rows, width).normal_(0.0, std))  # no N×d temporaries
+    table._sparse_rows = True  # type: ignore[attr-defined]
+    return table
+
+
+def is_table(param: torch.Tensor) -> bool:
+    return getattr(param, "_sparse_rows", False)
+
+
+def add_row_grad(
+    table: torch.Tensor, idx: torch.Tensor, coeff: torch.Tensor, vecs: torch.Tensor
+) -> None:
+    """Accumulate one backward's factored gradient: rows idx (n, m), coeff (n, m), vecs (n, d)."""
+    terms = table.__dict__.setdefault(_TERMS, [])
+    terms.append((idx.detach(), coeff.detach().to(vecs.dtype), vecs.detach()))
+
+
+def has_row_grad(table: torch.Tensor) -> bool:
+    return bool(table.__dict__.get(_TERMS))
+
+
+def clear_row_grad(table: torch.Tensor) -> None:
+    table.__dict__.pop(_TERMS, None)
+
+
+def clear_row_grads(module: nn.Module) -> None:
+    for param in module.parameters():
+        clear_row_grad(param)
+
+
+def flat_terms(
+    table: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The accumulated terms concatenated: rows (M,), coeff (M,), token (M,) indexing
+    vecs (T, d)."""
+    terms = table.__dict__.get(_TERMS, [])
+    rows, coeffs, tokens, vecs, offset = [], [], [], [], 0
+    for idx, coeff, vec in terms:
+        n, m = idx.shape
+        rows.append(idx.flatten())
+        coeffs.append(coeff.flatten())
+        tokens.append(torch.arange(offset, offset + n, device=idx.device).repeat_interleave(m))
+        vecs.append(vec)
+        offset += n
+    return torch.cat(rows), torch.cat(coeffs), torch.cat(tokens), torch.cat(vecs)
+
+
+def row_chunks(
+    rows: torch.Tensor,
+    coeff: torch.Tensor,
+    tokens: torch.Tensor,
+    vecs: torch.Tensor,
+    max_rows: int,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(distinct rows, their gradient rows) in chunks of at most `max_rows` rows: for each
+    row, Σ coeff · vecs[token] over its entries, as one weighted bag."""
+    order = rows.argsort()
+    distinct, counts = torch.unique_consecutive(rows[order], return_counts=True)
+    starts = counts.cumsum(0) - counts
+    for first in range(0, distinct.numel(), max_rows):
+        chunk_starts = starts[first : first + max_rows]
+        begin = int(chunk_starts[0])
+        end = begin + int(counts[first : first + max_rows].sum())
+        entries = order[begin:end]
+        values = F.embedding_bag(
+            tokens[entries],
+            vecs,
+            chunk_starts - begin,
+            per_sample_weights=coeff[entries],
+            mode="sum",
+        )
+        yield distinct[first : first + max_rows], values
+
+
+def materialize_row_grad(table: torch.Tensor) -> torch.Tensor | None:
+    """The accumulated factored gradient as a coalesced sparse tensor of `table`'s shape."""
+    if not has_row_grad(table):
+        return None
+    rows, coeff, tokens, vecs = flat_terms(table)
+    chunks = list(row_chunks(rows, coeff, tokens, vecs, max_rows=rows.numel()))
+    index = torch.cat([r for r, _ in chunks])
+    values = torch.cat([v for _, v in chunks]).to(table.dtype)
+    return torch.sparse_coo_tensor(
+        index[None], values, table.shape, is_coalesced=True, check_invariants=False
+    )
