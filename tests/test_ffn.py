@@ -14,9 +14,9 @@ from altup_cli.models.altup import AltUpConfig
 from altup_cli.models.counting import active_parameters, forward_flops_per_token
 from altup_cli.models.feedforward import MLP, FFNConfig
 from altup_cli.models.moe import MoE
-from altup_cli.models.peer import PEER, ExpertUsage
+from altup_cli.models.peer import PEER
 from altup_cli.models.pkm import PKM
-from altup_cli.models.product_keys import ProductKeyRetrieval
+from altup_cli.models.product_keys import ExpertUsage, ProductKeyRetrieval
 from altup_cli.models.row_gradients import has_row_grad, materialize_row_grad
 from altup_cli.training import optim
 from altup_cli.training.optim import build_optimizer

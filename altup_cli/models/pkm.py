@@ -8,14 +8,12 @@ rows retrieved; see `peer.py`); `PKM.forward_naive` materialises the gather: the
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from altup_cli.models.peer import ExpertUsage, weighted_rows
-from altup_cli.models.product_keys import ProductKeyRetrieval
-from altup_cli.models.row_gradients import clear_row_grads, expert_table
+from altup_cli.models.product_keys import RetrievalLayer
+from altup_cli.models.row_gradients import expert_table, weighted_rows
 
 
-class PKM(nn.Module):
+class PKM(RetrievalLayer):
     """(..., d) → (..., d) through a memory of N values of width d."""
 
     def __init__(
@@ -28,22 +26,8 @@ class PKM(nn.Module):
         query_bn: bool = True,
         shared_keys: bool = False,
     ) -> None:
-        super().__init__()
-        self.retrieval = ProductKeyRetrieval(
-            d_model, num_values, heads, topk, d_key, query_bn, shared_keys
-        )
+        super().__init__(d_model, num_values, heads, topk, d_key, query_bn, shared_keys)
         self.values = expert_table(num_values, d_model, d_model**-0.5)  # PKM: N(0, 1/d)
-        self.usage = ExpertUsage(num_values)
-
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores, idx = self.retrieval(x)
-        weights = scores.softmax(dim=-1)
-        self.usage.record(idx, weights)
-        return weights.flatten(1), idx.flatten(1)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        super().zero_grad(set_to_none)
-        clear_row_grads(self)  # the tables' factored gradients too
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])

@@ -14,6 +14,8 @@ import math
 import torch
 from torch import nn
 
+from altup_cli.models.row_gradients import clear_row_grads
+
 
 def sqrt_keys(num_keys: int) -> int:
     """√N, or a ValueError when N is not a perfect square."""
@@ -88,3 +90,64 @@ class ProductKeyRetrieval(nn.Module):
         keys = self.sub_keys.expand(self.heads, -1, -1, -1)
         sub = torch.einsum("nhsd,hsrd->nhsr", q, keys)
         return (sub[:, :, 0, :, None] + sub[:, :, 1, None, :]).flatten(-2)
+
+
+class RetrievalLayer(nn.Module):
+    """What PEER and PKM share: product-key retrieval, softmax router weights per head,
+    expert usage, and tables whose factored gradients `zero_grad` clears too."""
+
+    def __init__(
+        self,
+        d_model: int,
+        num_keys: int,
+        heads: int,
+        topk: int,
+        d_key: int,
+        query_bn: bool,
+        shared_keys: bool,
+    ) -> None:
+        super().__init__()
+        self.retrieval = ProductKeyRetrieval(
+            d_model, num_keys, heads, topk, d_key, query_bn, shared_keys
+        )
+        self.usage = ExpertUsage(num_keys)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, d) → router weights and key indices, each (n, h·k)."""
+        scores, idx = self.retrieval(x)
+        weights = scores.softmax(dim=-1)
+        self.usage.record(idx, weights)
+        return weights.flatten(1), idx.flatten(1)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        clear_row_grads(self)
+
+
+class ExpertUsage(nn.Module):
+    """Summed router weight per expert over the batches since the last `reset` (PEER Table 2):
+    usage = fraction of experts with non-zero total; unevenness = KL(z‖uniform)."""
+
+    def __init__(self, num_experts: int) -> None:
+        super().__init__()
+        self.register_buffer("totals", torch.zeros(num_experts), persistent=False)
+        self.enabled = True
+
+    @torch.no_grad()
+    def record(self, idx: torch.Tensor, weights: torch.Tensor) -> None:
+        if self.enabled and self.training:
+            self.totals.index_add_(
+                0, idx.flatten(), weights.detach().flatten().to(self.totals.dtype)
+            )
+
+    def stats(self) -> dict[str, float]:
+        total = float(self.totals.sum())
+        if total <= 0:
+            return {"usage": 0.0, "unevenness": float("nan")}
+        z = self.totals / total
+        used = z > 0
+        kl = math.log(z.numel()) + float((z[used] * z[used].log()).sum())
+        return {"usage": float(used.float().mean()), "unevenness": kl}
+
+    def reset(self) -> None:
+        self.totals.zero_()

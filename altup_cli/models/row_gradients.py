@@ -1,4 +1,8 @@
-"""Expert tables whose gradient is kept in factored form until the optimizer steps.
+"""Expert tables (PEER, PKM): fused gathers, and a gradient kept in factored form until
+the optimizer steps.
+
+Reading rows: `expert_dots` (table[idx]·x, by embedding_bag's per-sample-weight kernel)
+and `weighted_rows` (Σ w·table[idx], one embedding_bag) never build the gathered rows.
 
 A PEER/PKM table row i only ever receives Σ_{(t,j): idx[t,j] = i} coeff[t,j] · vecs[t]: a
 sum of token vectors (the layer input x, or the output gradient ∂y) weighted by per-
@@ -12,6 +16,7 @@ ordinary (sparse, coalesced) gradient for anyone who wants it.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -107,3 +112,78 @@ def materialize_row_grad(table: torch.Tensor) -> torch.Tensor | None:
     return torch.sparse_coo_tensor(
         index[None], values, table.shape, is_coalesced=True, check_invariants=False
     )
+
+
+def _bags(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(n, m) indices as n bags of m: flat indices, bag offsets and each index's bag."""
+    n, m = idx.shape
+    bag = torch.arange(n, device=idx.device)
+    return idx.flatten(), bag * m, bag.repeat_interleave(m)
+
+
+def gathered_dots(vecs: torch.Tensor, table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """out[t, j] = table[idx[t, j]] · vecs[t], (n, m), without materialising the gathered
+    rows: embedding_bag's per-sample-weight gradient kernel computes exactly these dots."""
+    flat, offsets, bag = _bags(idx)
+    dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        vecs.contiguous(), table, flat, offsets, bag, 0, -1
+    )
+    return dots.view(idx.shape)
+
+
+class _ExpertDots(torch.autograd.Function):
+    """h[t, j] = u_{idx[t, j]} · x[t]."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        x = x.to(table.dtype)
+        ctx.save_for_backward(x, table, idx)
+        return gathered_dots(x, table, idx)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, table, idx = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:  # ∂x[t] = Σ_j ∂h[t,j] · u_{idx[t,j]}: a weighted bag
+            grad_x = F.embedding_bag(idx, table, per_sample_weights=grad, mode="sum")
+        if ctx.needs_input_grad[1]:  # ∂u_i = Σ_{(t,j): idx=i} ∂h[t,j] · x[t]
+            add_row_grad(table, idx, grad, x)
+        return grad_x, None, None
+
+
+class _ExpertSum(torch.autograd.Function):
+    """y[t] = Σ_j w[t, j] · v_{idx[t, j]}: a weighted bag; the table's gradient is stored
+    factored (`row_gradients`)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, weights: torch.Tensor, table: torch.Tensor, idx: torch.Tensor
+    ) -> torch.Tensor:
+        weights = weights.to(table.dtype)
+        ctx.save_for_backward(weights, table, idx)
+        return F.embedding_bag(idx, table, per_sample_weights=weights, mode="sum")
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        weights, table, idx = ctx.saved_tensors
+        grad = grad.to(table.dtype)
+        grad_w = gathered_dots(grad, table, idx) if ctx.needs_input_grad[0] else None
+        if ctx.needs_input_grad[1]:  # ∂v_i = Σ_{(t,j): idx=i} w[t,j] · ∂y[t]
+            add_row_grad(table, idx, weights, grad)
+        return grad_w, None, None
+
+
+# Both run eagerly inside a compiled model: their backward stores the tables' factored
+# gradients on the parameters, a side effect graphs cannot hold.
+@torch.compiler.disable
+def weighted_rows(weights: torch.Tensor, table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """y[t] = Σ_j weights[t, j] · table[idx[t, j]], (n, d); the table's gradient factored."""
+    return _ExpertSum.apply(weights, table, idx)
+
+
+@torch.compiler.disable
+def expert_dots(x: torch.Tensor, table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """h[t, j] = table[idx[t, j]] · x[t], (n, m); the table's gradient factored."""
+    return _ExpertDots.apply(x, table, idx)

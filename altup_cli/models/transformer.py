@@ -19,8 +19,7 @@ from torch import nn
 
 from altup_cli.models.altup import AltUpConfig, Readout, widen, wrap_layer
 from altup_cli.models.feedforward import FFNConfig, build_feedforward
-from altup_cli.models.peer import ExpertUsage
-from altup_cli.models.product_keys import ProductKeyRetrieval
+from altup_cli.models.product_keys import ExpertUsage, ProductKeyRetrieval
 from altup_cli.models.row_gradients import clear_row_grads
 
 
