@@ -109,6 +109,16 @@ def test_moe_equals_its_naive_oracle(routing: str) -> None:
     assert (moe.aux_loss is not None) == (routing == "token_choice")
 
 
+@pytest.mark.parametrize("topk", [1, 2])
+def test_the_moe_router_learns_from_the_output(topk: int) -> None:
+    """With top-1 the gate is the raw probability (Switch): renormalised it would be 1 and
+    the router would get no gradient from the task loss."""
+    torch.manual_seed(6)
+    moe = MoE(8, 16, num_experts=4, topk=topk, balance_weight=0.0).train()
+    moe(torch.randn(10, 8)).pow(2).sum().backward()
+    assert moe.router.weight.grad.abs().sum() > 1e-4
+
+
 def test_moe_balance_loss_is_one_when_uniform() -> None:
     moe = MoE(4, 8, num_experts=4, topk=1)
     probs = torch.full((8, 4), 0.25)

@@ -1,8 +1,10 @@
 """Coarse mixture of experts: E experts, each an MLP the size of the dense one.
 
 - `token_choice` (Shazeer et al. 2017; Switch, Fedus et al. 2022): each token goes to its
-  top-k experts, weighted by their router probabilities renormalised over the k; every
-  token is processed (no capacity, no dropping). Load balance: the Switch auxiliary loss
+  top-k experts, weighted by their router probabilities — renormalised over the k when
+  k > 1 (GShard, Mixtral), raw when k = 1 (Switch: a renormalised single weight would be
+  1 and the router would learn nothing from the loss); every token is processed (no
+  capacity, no dropping). Load balance: the Switch auxiliary loss
   E · Σ_e f_e · P_e (f_e: fraction of the n·k assignments to e, P_e: mean probability),
   which is 1 when routing is uniform.
 - `expert_choice` (Zhou et al. 2022, the routing the PEER paper's MoE baseline used): each
@@ -72,6 +74,8 @@ class MoE(nn.Module):
             top = probs.topk(self.topk, dim=-1).indices
             mask.scatter_(1, top, True)
             weights = probs * mask
+            if self.topk == 1:  # Switch: the raw probability, so the router gets a gradient
+                return weights, mask
             return weights / weights.sum(-1, keepdim=True), mask
         capacity = min(n, math.ceil(self.capacity * self.topk * n / E))
         top = probs.topk(capacity, dim=0).indices  # (C, E): each expert's tokens
