@@ -62,8 +62,14 @@ class MoE(nn.Module):
         logits = self.router(flat)  # softmax in fp32 at least, whatever the autocast
         return (logits if logits.dtype == torch.float64 else logits.float()).softmax(-1)
 
-    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(x @ self.w1[e]) @ self.w2[e]
+    def experts(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each expert's (w1, w2) as views from one `unbind`, whose backward stacks the
+        experts' gradients once (indexing w1[e] would zero-fill all E experts per expert)."""
+        return list(zip(self.w1.unbind(0), self.w2.unbind(0), strict=True))
+
+    @staticmethod
+    def mlp(weights: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x @ weights[0]) @ weights[1]
 
     def assignments(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Routing weights as a dense (n, E) matrix (zero where a token skips an expert) and
@@ -96,15 +102,18 @@ class MoE(nn.Module):
             else None
         )
         out = torch.zeros_like(flat)
-        for e in range(self.num_experts):  # a loop over experts, never over tokens
+        for e, expert in enumerate(self.experts()):  # a loop over experts, never over tokens
             tokens = mask[:, e].nonzero().flatten()
             if tokens.numel():
-                y = self.expert(e, flat[tokens]) * weights[tokens, e, None].to(flat.dtype)
+                # index_select, not flat[tokens]: its backward is a parallel index_add
+                # rather than a serial accumulating index_put
+                gate = weights[:, e].index_select(0, tokens).to(flat.dtype)
+                y = self.mlp(expert, flat.index_select(0, tokens)) * gate[:, None]
                 out.index_add_(0, tokens, y)
         return out.view(x.shape)
 
     def forward_naive(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         weights, _ = self.assignments(self.probabilities(flat))
-        every = torch.stack([self.expert(e, flat) for e in range(self.num_experts)], 1)
+        every = torch.stack([self.mlp(expert, flat) for expert in self.experts()], 1)
         return torch.einsum("ne,ned->nd", weights.to(flat.dtype), every).view(x.shape)
