@@ -84,7 +84,7 @@ def peak_rss_gib(kind: str, d_model: int, num_experts: int, tokens: int) -> floa
     """Peak RSS of a fresh process that builds the layer and runs two steps (PEER's
     factored table gradients are turned into rows as in `layer_step`)."""
     code = (
-        "import sys, torch; from altup_cli.benchmark_ffn import _rss_probe; "
+        "from altup_cli.benchmark_ffn import _rss_probe; "
         f"_rss_probe({kind!r}, {d_model}, {num_experts}, {tokens})"
     )
     out = subprocess.run(
@@ -94,7 +94,6 @@ def peak_rss_gib(kind: str, d_model: int, num_experts: int, tokens: int) -> floa
 
 
 def _rss_probe(kind: str, d_model: int, num_experts: int, tokens: int) -> None:
-    torch.set_num_threads(torch.get_num_threads())
     module = layer(kind, d_model, num_experts)
     x = torch.randn(tokens, d_model).requires_grad_()
     grad = torch.randn(tokens, d_model)

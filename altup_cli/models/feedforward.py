@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from altup_cli.models.moe import ROUTINGS, MoE
-from altup_cli.models.peer import ACTIVATIONS, PEER
+from altup_cli.models.moe import MoE, check_moe
+from altup_cli.models.peer import PEER, check_activation
 from altup_cli.models.pkm import PKM
-from altup_cli.models.product_keys import sqrt_keys
+from altup_cli.models.product_keys import check_product_keys
 
 if TYPE_CHECKING:
     from altup_cli.models.transformer import ModelConfig
@@ -59,31 +59,12 @@ class FFNConfig:
         _check(self.heads >= 1, f"ffn.heads must be >= 1, got {self.heads}")
         _check(self.topk >= 1, f"ffn.topk must be >= 1, got {self.topk}")
         _check(self.num_experts >= 1, f"ffn.num_experts must be >= 1, got {self.num_experts}")
+        # The layers' own checks, run here so a bad config fails before anything is built.
         if self.kind in ("peer", "pkm"):
-            root = sqrt_keys(self.num_experts)
-            _check(
-                self.topk <= root,
-                f"ffn.topk={self.topk} exceeds √ffn.num_experts = {root} (product keys retrieve "
-                "k from each sub-key table)",
-            )
-            _check(
-                self.d_key >= 2 and self.d_key % 2 == 0,
-                f"ffn.d_key must be even and >= 2, got {self.d_key}",
-            )
-            _check(
-                self.activation in ACTIVATIONS,
-                f"ffn.activation must be gelu or relu, got {self.activation!r}",
-            )
+            check_product_keys(self.num_experts, self.heads, self.topk, self.d_key)
+            check_activation(self.activation)
         if self.kind == "moe":
-            _check(
-                self.topk <= self.num_experts,
-                f"ffn.topk={self.topk} exceeds ffn.num_experts={self.num_experts}",
-            )
-            _check(
-                self.routing in ROUTINGS,
-                f"ffn.routing must be token_choice or expert_choice, got {self.routing!r}",
-            )
-            _check(self.capacity > 0, f"ffn.capacity must be positive, got {self.capacity}")
+            check_moe(self.num_experts, self.topk, self.routing, self.capacity)
         _check(self.balance_weight >= 0, "ffn.balance_weight must be >= 0")
         _check(self.table_lr is None or self.table_lr > 0, "ffn.table_lr must be positive")
 

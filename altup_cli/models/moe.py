@@ -25,6 +25,21 @@ from torch import nn
 ROUTINGS = ("token_choice", "expert_choice")
 
 
+def check_moe(num_experts: int, topk: int, routing: str, capacity: float) -> None:
+    """A ValueError naming the first impossible MoE setting."""
+    checks = [
+        (num_experts >= 1, f"ffn.num_experts must be >= 1, got {num_experts}"),
+        (topk >= 1, f"ffn.topk must be >= 1, got {topk}"),
+        (topk <= num_experts, f"ffn.topk={topk} exceeds ffn.num_experts={num_experts}"),
+        (routing in ROUTINGS,
+         f"ffn.routing must be token_choice or expert_choice, got {routing!r}"),
+        (capacity > 0, f"ffn.capacity must be positive, got {capacity}"),
+    ]  # fmt: skip
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
 class MoE(nn.Module):
     """(..., d) → (..., d); `aux_loss` holds the last forward's weighted balance loss."""
 
@@ -41,12 +56,7 @@ class MoE(nn.Module):
         output_std: float = 0.02,
     ) -> None:
         super().__init__()
-        if routing not in ROUTINGS:
-            raise ValueError(f"ffn.routing must be token_choice or expert_choice, got {routing!r}")
-        if num_experts < 1 or not 1 <= topk <= num_experts:
-            raise ValueError(f"ffn.topk must be in [1, ffn.num_experts={num_experts}], got {topk}")
-        if capacity <= 0:
-            raise ValueError(f"ffn.capacity must be positive, got {capacity}")
+        check_moe(num_experts, topk, routing, capacity)
         self.topk, self.routing, self.capacity = topk, routing, capacity
         self.balance_weight = balance_weight
         self.router = nn.Linear(d_model, num_experts, bias=False)

@@ -25,6 +25,11 @@ from altup_cli.models.row_gradients import expert_dots, expert_table, weighted_r
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
 
 
+def check_activation(name: str) -> None:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"ffn.activation must be gelu or relu, got {name!r}")
+
+
 class PEER(RetrievalLayer):
     """(..., d) → (..., d): h heads retrieve k of N single-neuron experts each."""
 
@@ -40,18 +45,13 @@ class PEER(RetrievalLayer):
         activation: str = "gelu",
         output_std: float = 0.02,
     ) -> None:
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"ffn.activation must be gelu or relu, got {activation!r}")
+        check_activation(activation)
         super().__init__(d_model, num_experts, heads, topk, d_key, query_bn, shared_keys)
         self.activation = activation
         # u·x has unit scale for a unit-rms input (the pre-FFN RMSNorm's output); the value
         # rows start at the scale of the model's other output projections.
         self.up = expert_table(num_experts, d_model, d_model**-0.5)
         self.down = expert_table(num_experts, d_model, output_std)
-
-    @property
-    def num_experts(self) -> int:
-        return self.up.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])

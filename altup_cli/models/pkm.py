@@ -1,8 +1,8 @@
 """Product-key memory (Lample et al. 2019): h heads retrieve k of N value rows each and return
 their softmax-weighted sum, m(x) = Σ_heads Σ_{i ∈ top-k} softmax(s)_i · v_i.
 
-The weighted sum is one `embedding_bag` (fused gather + sum, coalesced sparse gradient of the
-rows retrieved; see `peer.py`); `PKM.forward_naive` materialises the gather: the oracle.
+The weighted sum is one `embedding_bag` (fused gather + sum, the table's gradient kept
+factored; see `row_gradients.py`); `PKM.forward_naive` materialises the gather: the oracle.
 """
 
 from __future__ import annotations

@@ -17,11 +17,22 @@ from torch import nn
 from altup_cli.models.row_gradients import clear_row_grads
 
 
-def sqrt_keys(num_keys: int) -> int:
-    """√N, or a ValueError when N is not a perfect square."""
+def check_product_keys(num_keys: int, heads: int, topk: int, d_key: int) -> int:
+    """√N, or a ValueError naming the first impossible setting."""
     root = math.isqrt(num_keys)
-    if num_keys < 1 or root * root != num_keys:
-        raise ValueError(f"ffn.num_experts must be a perfect square, got {num_keys}")
+    checks = [
+        (num_keys >= 1 and root * root == num_keys,
+         f"ffn.num_experts must be a perfect square, got {num_keys}"),
+        (heads >= 1, f"ffn.heads must be >= 1, got {heads}"),
+        (topk >= 1, f"ffn.topk must be >= 1, got {topk}"),
+        (topk <= root,
+         f"ffn.topk={topk} exceeds √ffn.num_experts = {root} (product keys retrieve k from "
+         "each sub-key table)"),
+        (d_key >= 2 and d_key % 2 == 0, f"ffn.d_key must be even and >= 2, got {d_key}"),
+    ]  # fmt: skip
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
     return root
 
 
@@ -44,13 +55,7 @@ class ProductKeyRetrieval(nn.Module):
         shared_keys: bool = True,
     ) -> None:
         super().__init__()
-        self.root = sqrt_keys(num_keys)
-        if heads < 1:
-            raise ValueError(f"ffn.heads must be >= 1, got {heads}")
-        if d_key < 2 or d_key % 2:
-            raise ValueError(f"ffn.d_key must be even and >= 2, got {d_key}")
-        if not 1 <= topk <= self.root:
-            raise ValueError(f"ffn.topk must be in [1, √num_experts = {self.root}], got {topk}")
+        self.root = check_product_keys(num_keys, heads, topk, d_key)
         self.heads, self.topk, self.d_key = heads, topk, d_key
         self.query = nn.Linear(d_in, heads * d_key, bias=False)
         self.query_bn = nn.BatchNorm1d(heads * d_key) if query_bn else None
@@ -71,11 +76,13 @@ class ProductKeyRetrieval(nn.Module):
             q = self.query_bn(q)
         return q.view(x.shape[0], self.heads, 2, self.d_key // 2)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        q = self.queries(x)
+    def sub_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Sub-key scores for each head and half: (n, h, 2, √N)."""
         keys = self.sub_keys.expand(self.heads, -1, -1, -1)  # (h, 2, √N, d_key/2)
-        # Sub-key scores for each head and half: (n, h, 2, √N).
-        sub = torch.einsum("nhsd,hsrd->nhsr", q, keys)
+        return torch.einsum("nhsd,hsrd->nhsr", self.queries(x), keys)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sub = self.sub_scores(x)
         k = self.topk
         top_scores, top_idx = sub.topk(k, dim=-1)  # (n, h, 2, k)
         candidates = top_scores[:, :, 0, :, None] + top_scores[:, :, 1, None, :]  # (n,h,k,k)
@@ -86,9 +93,7 @@ class ProductKeyRetrieval(nn.Module):
 
     def all_scores(self, x: torch.Tensor) -> torch.Tensor:
         """Scores of all N keys, (n, h, N): the exhaustive oracle of `forward`."""
-        q = self.queries(x)
-        keys = self.sub_keys.expand(self.heads, -1, -1, -1)
-        sub = torch.einsum("nhsd,hsrd->nhsr", q, keys)
+        sub = self.sub_scores(x)
         return (sub[:, :, 0, :, None] + sub[:, :, 1, None, :]).flatten(-2)
 
 
@@ -131,11 +136,10 @@ class ExpertUsage(nn.Module):
     def __init__(self, num_experts: int) -> None:
         super().__init__()
         self.register_buffer("totals", torch.zeros(num_experts), persistent=False)
-        self.enabled = True
 
     @torch.no_grad()
     def record(self, idx: torch.Tensor, weights: torch.Tensor) -> None:
-        if self.enabled and self.training:
+        if self.training:
             self.totals.index_add_(
                 0, idx.flatten(), weights.detach().flatten().to(self.totals.dtype)
             )

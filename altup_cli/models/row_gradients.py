@@ -106,12 +106,11 @@ def materialize_row_grad(table: torch.Tensor) -> torch.Tensor | None:
     if not has_row_grad(table):
         return None
     rows, coeff, tokens, vecs = flat_terms(table)
-    chunks = list(row_chunks(rows, coeff, tokens, vecs, max_rows=rows.numel()))
-    index = torch.cat([r for r, _ in chunks])
-    values = torch.cat([v for _, v in chunks]).to(table.dtype)
+    index, values = next(row_chunks(rows, coeff, tokens, vecs, max_rows=rows.numel()))
     return torch.sparse_coo_tensor(
-        index[None], values, table.shape, is_coalesced=True, check_invariants=False
-    )
+        index[None], values.to(table.dtype), table.shape, is_coalesced=True,
+        check_invariants=False,
+    )  # fmt: skip
 
 
 def _bags(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -9,7 +9,6 @@ block of a wider stream through each layer.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from altup_cli.models.altup import AltUpConfig, Readout, widen, wrap_layer
-from altup_cli.models.feedforward import FFNConfig, build_feedforward
+from altup_cli.models.feedforward import FFNConfig, build_feedforward, output_std
 from altup_cli.models.product_keys import ExpertUsage, ProductKeyRetrieval
 from altup_cli.models.row_gradients import clear_row_grads
 
@@ -202,7 +201,7 @@ class TransformerLM(nn.Module):
         std = self.config.init_std
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                scale = std / math.sqrt(2 * self.config.n_layers) if _is_output_proj(name) else std
+                scale = output_std(self.config) if _is_output_proj(name) else std
                 nn.init.normal_(module.weight, mean=0.0, std=scale)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)

@@ -9,6 +9,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from altup_cli.models.product_keys import ExpertUsage
+
 log = logging.getLogger("altup")
 
 
@@ -97,7 +99,7 @@ class ExpertUsageLogger(L.Callback):
         self.logged_step = step
         model = pl_module.model
         for usage in model.modules():
-            if hasattr(usage, "totals") and trainer.world_size > 1:
+            if isinstance(usage, ExpertUsage) and trainer.world_size > 1:
                 usage.totals.copy_(trainer.strategy.reduce(usage.totals, reduce_op="sum"))
         metrics = {
             f"experts/{layer}/{name}": value

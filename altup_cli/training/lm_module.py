@@ -53,8 +53,8 @@ class LanguageModelModule(L.LightningModule):
     def on_fit_start(self) -> None:
         # DDP broadcasts rank 0's parameters except the ignored tables: do those here.
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            for name, param in self.model.named_parameters():
-                if f"model.{name}" in self._ddp_params_and_buffers_to_ignore:
+            for param in self.model.parameters():
+                if is_table(param):
                     torch.distributed.broadcast(param.data, src=0)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """One optimizer for the whole model: fused AdamW for dense parameters, lazy Adam for the
-sparse-gradient expert/value tables of PEER and PKM (parameters tagged `_sparse_rows`).
+expert/value tables of PEER and PKM (parameters tagged `_sparse_rows`, whose gradients are
+kept factored: `models/row_gradients.py`).
 
 Lazy Adam (as `torch.optim.SparseAdam`, and as PKM trained its values) updates only the
 rows present in the gradient: their moments decay and step, every other row and its
@@ -115,19 +116,16 @@ class AdamWLazyTables(torch.optim.AdamW):
 
 def _gradient_rows(param: torch.Tensor) -> Any:
     """(rows, gradient rows) chunks of a table's gradient, from its factored form (averaged
-    over data-parallel ranks, as DDP averages dense gradients) or a `.grad`; None if none."""
+    over data-parallel ranks, as DDP averages dense gradients) or a dense `.grad` (the
+    naive path); None if none."""
     if has_row_grad(param):
         rows, coeff, tokens, vecs = flat_terms(param)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             rows, coeff, tokens, vecs = _gather_terms(rows, coeff, tokens, vecs)
         return row_chunks(rows, coeff, tokens, vecs, ROW_CHUNK)
-    grad = param.grad
-    if grad is None:
+    if param.grad is None:
         return None
-    if grad.is_sparse:
-        grad = grad.coalesce()
-        return [(grad.indices()[0], grad.values())]
-    return [(torch.arange(param.shape[0], device=param.device), grad)]
+    return [(torch.arange(param.shape[0], device=param.device), param.grad)]
 
 
 def _gather_terms(
