@@ -71,7 +71,7 @@ class AltUpConfig:
         return asdict(self)
 
 
-def _fp32(t: torch.Tensor) -> torch.Tensor:
+def fp32(t: torch.Tensor) -> torch.Tensor:
     """At least fp32: bf16/fp16 are widened, fp64 (exactness tests) is kept."""
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
@@ -99,9 +99,9 @@ class AltUpLayer(nn.Module):
         # can insert layers; `_active` mirrors it as a Python int for cheap indexing.
         self.register_buffer("active_block", torch.tensor([active_block]), persistent=True)
         self._active = active_block
-        self.register_load_state_dict_post_hook(lambda module, _: module._sync_active())
+        self.register_load_state_dict_post_hook(lambda module, _: module.sync_active())
 
-    def _sync_active(self) -> None:
+    def sync_active(self) -> None:
         self._active = int(self.active_block)
 
     def set_active_block(self, block: int) -> None:
@@ -126,7 +126,7 @@ class AltUpLayer(nn.Module):
             layer_in = x[self._active]
         else:
             with torch.autocast(x.device.type, enabled=False):
-                flat = _fp32(x).reshape(self.K, -1)
+                flat = fp32(x).reshape(self.K, -1)
                 layer_in = (self.predictor[self._active] @ flat).view(x.shape[1:]).type_as(x)
         layer_out = self.layer(layer_in, cos, sin)
         with torch.autocast(x.device.type, enabled=False):
@@ -138,7 +138,7 @@ class AltUpLayer(nn.Module):
 def mix_reference(x: torch.Tensor, layer_out: torch.Tensor, mixing: torch.Tensor) -> torch.Tensor:
     """y = M · [x¹ … x^K, ỹ] in fp32, as plain tensor ops (what torch.compile fuses)."""
     K = x.shape[0]
-    stacked = torch.cat([_fp32(x).reshape(K, -1), _fp32(layer_out).reshape(1, -1)])
+    stacked = torch.cat([fp32(x).reshape(K, -1), fp32(layer_out).reshape(1, -1)])
     return (mixing @ stacked).view(x.shape)
 
 
@@ -183,7 +183,7 @@ class _Mix(torch.autograd.Function):
         slot: _GradSlot | None,
     ) -> torch.Tensor:
         K = x.shape[0]
-        flat, y = _fp32(x).reshape(K, -1), _fp32(layer_out).reshape(-1)
+        flat, y = fp32(x).reshape(K, -1), fp32(layer_out).reshape(-1)
         out = torch.mm(mixing[:, :K], flat).addr_(mixing[:, K], y)
         ctx.save_for_backward(flat, y, mixing)
         ctx.slot, ctx.shapes = slot, (x.shape, layer_out.shape)
@@ -197,7 +197,7 @@ class _Mix(torch.autograd.Function):
     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, None]:
         flat, y, mixing = ctx.saved_tensors
         K = flat.shape[0]
-        g = _fp32(grad).reshape(K, -1)
+        g = fp32(grad).reshape(K, -1)
         inputs_grad = torch.mm(mixing.t(), g)  # (K+1, N): rows ∂x¹…∂x^K, ∂ỹ
         mixing_grad = torch.cat([torch.mm(g, flat.t()), torch.mv(g, y)[:, None]], dim=1)
         x_shape, out_shape = ctx.shapes
@@ -234,10 +234,10 @@ class SequenceAltUpLayer(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             alpha, beta = self.predictor[0], self.predictor[1]
             of_anchor = torch.arange(T, device=x.device) // k  # anchor index of each token
-            x32, a32 = _fp32(x), _fp32(anchors)
+            x32, a32 = fp32(x), fp32(anchors)
             predicted = alpha * x32 + beta * a32.index_select(1, of_anchor)
             pred_anchor = (alpha + beta) * a32
-            innovation = (a32 - pred_anchor) + (_fp32(anchor_out) - a32)
+            innovation = (a32 - pred_anchor) + (fp32(anchor_out) - a32)
             out = predicted + self.corrector * innovation.index_select(1, of_anchor)
         return out.type_as(x)
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from altup_cli.models.altup import AltUpConfig, Readout, widen, wrap_layer
+from altup_cli.models.altup import AltUpConfig, Readout, fp32, widen, wrap_layer
 from altup_cli.models.feedforward import FFNConfig, build_feedforward, output_std
 from altup_cli.models.product_keys import ExpertUsage, ProductKeyRetrieval
 from altup_cli.models.row_gradients import clear_row_grads
@@ -102,9 +102,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        x32 = fp32(x)
         y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).type_as(x)
+        return (y * fp32(self.weight)).type_as(x)
 
 
 class Rotary(nn.Module):
@@ -120,14 +120,15 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=True)
 
     def cos_sin(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = torch.arange(seq_len, device=device, dtype=torch.float32)
-        angles = torch.outer(positions, self.inv_freq.to(device))
+        inv_freq = fp32(self.inv_freq).to(device)
+        positions = torch.arange(seq_len, device=device, dtype=inv_freq.dtype)
+        angles = torch.outer(positions, inv_freq)
         return angles.cos(), angles.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate channel pairs (x[2i], x[2i+1]) by position·inv_freq[i]; x is (B, H, T, D)."""
-    x32 = x.float().unflatten(-1, (-1, 2))
+    x32 = fp32(x).unflatten(-1, (-1, 2))
     x1, x2 = x32[..., 0], x32[..., 1]
     out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return out.flatten(-2).type_as(x)

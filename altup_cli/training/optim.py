@@ -165,3 +165,33 @@ def build_optimizer(model: nn.Module, o: dict[str, Any], table_lr: float | None 
 def dense_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     """Parameters whose gradient norm is clipped (sparse tables step lazily, unclipped)."""
     return [p for g in optimizer.param_groups if not g.get("lazy") for p in g["params"]]
+
+
+def group_names(model: nn.Module, weight_decay: float, table_lr: float | None) -> list[list[str]]:
+    """Parameter names per optimizer group, in the optimizer's order (its state dict keys
+    parameters by position in this order)."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    return [
+        [name_of[id(p)] for p in g["params"]] for g in param_groups(model, weight_decay, table_lr)
+    ]
+
+
+def named_state(state_dict: dict[str, Any], groups: list[list[str]]) -> dict[str, dict[str, Any]]:
+    """An optimizer state dict's per-parameter state keyed by parameter name."""
+    names = [n for g in groups for n in g]
+    return {names[i]: dict(s) for i, s in state_dict["state"].items()}
+
+
+def indexed_state_dict(
+    named: dict[str, dict[str, Any]], groups: list[list[str]], template: dict[str, Any]
+) -> dict[str, Any]:
+    """The inverse of `named_state` for a model whose groups hold `groups`; each group's
+    hyperparameters come from `template` (the state dict before growth: same groups)."""
+    index = {n: i for i, n in enumerate(n for g in groups for n in g)}
+    return {
+        "state": {index[n]: s for n, s in named.items() if n in index},
+        "param_groups": [
+            {**old, "params": [index[n] for n in members]}
+            for old, members in zip(template["param_groups"], groups, strict=True)
+        ],
+    }
