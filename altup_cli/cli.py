@@ -36,8 +36,11 @@ Hydra overrides select config groups (`model=tiny`) and set keys (`trainer.max_s
 
 * `altup train --resume outputs/2026-11-22/10-00-00_quickstart trainer.max_steps=600`
 
+* `altup train model=nano growth=nano_to_tiny` — grow to the tiny shape at step 150.
+
 Groups: model (nano tiny mini small base), data (shakespeare bible wiki text hf),
-tokenizer (bpe gpt2 file), trainer (default ddp ddp_cpu fsdp), logger (wandb csv).
+tokenizer (bpe gpt2 file), trainer (default ddp ddp_cpu fsdp), logger (wandb csv),
+growth (none nano_to_tiny deepen).
 """
 
 
@@ -115,6 +118,49 @@ def compare(
     from altup_cli.compare import compare as run_compare
 
     run_compare(list(overrides or []), recipe, list(variant or []) or None)
+
+
+@app.command(
+    help="""Grow a trained checkpoint without changing its function; write a resumable run.
+
+OPS are KIND=SIZE or KIND=+N with KIND one of mlp_width (d_ff), heads (n_heads),
+value_dim (v_head_dim), key_dim (head_dim), residual_width (d_model), layers (n_layers;
+`layers=+2@0` inserts before layer 0, default at the end), and for PEER/PKM models
+ffn.d_key and ffn.num_experts (not function-preserving: needs --allow-inexact).
+
+**Examples**
+
+* `altup grow outputs/2026-11-22/10-00-00_quickstart mlp_width=1024 layers=+2 -o grown/`
+
+* `altup grow run/checkpoints/last.ckpt --to model=tiny -o grown-tiny/`
+
+* `altup grow run heads=8 key_dim=64 --lr-policy rewarm --rewarm-steps 50 -o g/`
+
+* `altup train --resume grown/ trainer.max_steps=600` — continue training the grown model.
+"""
+)
+def grow(
+    checkpoint: str = typer.Argument(..., help="A run directory or a .ckpt written by altup."),
+    ops: list[str] = typer.Argument(None, help="Growth ops, e.g. mlp_width=2048 layers=+2."),
+    out: str = typer.Option(..., "--out", "-o", help="New run directory (must not exist)."),
+    to: str | None = typer.Option(None, "--to", help="Grow to a preset's shape: model=NAME."),
+    allow_inexact: bool = typer.Option(
+        False, "--allow-inexact", help="Allow ffn.num_experts growth (reports the change)."
+    ),
+    lr_policy: str = typer.Option(
+        "continue", "--lr-policy", help="continue the LR schedule, or rewarm it."
+    ),
+    rewarm_steps: int | None = typer.Option(
+        None, "--rewarm-steps", help="Rewarm length (default: optim.warmup_steps)."
+    ),
+    seed: int = typer.Option(0, help="Seed of the new (free) weights."),
+) -> None:
+    """Grow a checkpoint function-preservingly."""
+    from altup_cli.grow import grow_checkpoint
+
+    grow_checkpoint(
+        checkpoint, list(ops or []), out, to, allow_inexact, lr_policy, rewarm_steps, seed
+    )
 
 
 @app.command()

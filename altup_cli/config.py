@@ -150,6 +150,19 @@ class LoggerSettings:
 
 
 @dataclass
+class GrowthSettings:
+    schedule: list[Any] = field(default_factory=list)
+    lr_policy: str = "continue"
+    rewarm_steps: int | None = None
+    history: list[Any] = field(default_factory=list)
+
+    def pending(self) -> list[dict[str, Any]]:
+        """Schedule events not applied yet (history records the applied ones)."""
+        applied = sum(1 for h in self.history if h.get("source") == "schedule")
+        return list(self.schedule[applied:])
+
+
+@dataclass
 class Settings:
     run: RunSettings
     optim: OptimSettings
@@ -160,6 +173,7 @@ class Settings:
     model: dict[str, Any]  # checked into ModelConfig once the vocabulary size is known
     altup: AltUpConfig
     ffn: FFNConfig
+    growth: GrowthSettings = field(default_factory=GrowthSettings)
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         values = {**self.model, "altup": self.altup, "ffn": self.ffn}
@@ -253,7 +267,9 @@ def validate(cfg: DictConfig) -> Settings:
     raw.pop("hydra", None)
     raw.pop("recipes", None)
     raw.pop("variants", None)  # a recipe's `altup compare` variants, read by compare
-    expected = {"run", "optim", "data", "tokenizer", "trainer", "logger", "model", "altup", "ffn"}
+    expected = {
+        "run", "optim", "data", "tokenizer", "trainer", "logger", "model", "altup", "ffn", "growth"
+    }  # fmt: skip
     unknown = sorted(set(raw) - expected)
     _require(not unknown, f"config: unknown top-level key(s) {', '.join(unknown)}")
     _check_model_types(raw["model"])
@@ -267,9 +283,89 @@ def validate(cfg: DictConfig) -> Settings:
         model=raw["model"],
         altup=_section(AltUpConfig, raw["altup"], "altup"),
         ffn=_section(FFNConfig, raw["ffn"], "ffn"),
+        growth=_section(GrowthSettings, raw.get("growth", {}), "growth")
+        if raw.get("growth") is not None
+        else GrowthSettings(),
     )
     _check_values(s)
+    _check_growth(s)
     return s
+
+
+def model_preset(name: str) -> dict[str, Any]:
+    """The values of conf/model/<name>.yaml."""
+    path = conf_dir() / "model" / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
+        raise UserError(f"unknown model preset {name!r} (available: {known})")
+    values = OmegaConf.to_container(OmegaConf.load(path))
+    assert isinstance(values, dict)
+    return values  # type: ignore[return-value]
+
+
+def event_ops(event: Any, cfg: ModelConfig, where: str) -> list[Any]:
+    """The growth ops of one schedule event ({step, ops: [...]} or {step, to: preset})."""
+    from altup_cli.growth import parse_op, preset_ops
+
+    if not isinstance(event, dict) or not isinstance(event.get("step"), int):
+        raise UserError(f"{where}: expected {{step: N, ops: [...]}} or {{step: N, to: PRESET}}")
+    keys = set(event) - {"step"}
+    if keys not in ({"ops"}, {"to"}):
+        raise UserError(f"{where}: give exactly one of ops or to (got {', '.join(sorted(keys))})")
+    try:
+        if "to" in event:
+            return preset_ops(cfg, model_preset(str(event["to"])), str(event["to"]))
+        ops = event["ops"]
+        if isinstance(ops, str) or not isinstance(ops, list) or not ops:
+            raise UserError(f"{where}.ops: expected a non-empty list like [mlp_width=1024]")
+        return [parse_op(str(op)) for op in ops]
+    except ValueError as err:
+        raise UserError(f"{where}: {err}") from None
+
+
+def growth_events(s: Settings, cfg: ModelConfig) -> list[tuple[int, list[Any]]]:
+    """The pending schedule as (step, ops), checked by planning every event in order
+    against the model it will meet."""
+    from altup_cli.growth import plan
+
+    g = s.growth
+    events, last = [], -1
+    offset = len(g.schedule) - len(g.pending())
+    for i, event in enumerate(g.pending(), start=offset):
+        where = f"growth.schedule[{i}]"
+        ops = event_ops(event, cfg, where)
+        step = event["step"]
+        _require(step > last, f"{where}: steps must be increasing, got {step} after {last}")
+        _require(
+            step < s.trainer.max_steps,
+            f"{where}: step {step} is not below trainer.max_steps={s.trainer.max_steps} "
+            "(it would never apply)",
+        )
+        try:
+            cfg = plan(cfg, ops)[-1][2]
+        except ValueError as err:
+            raise UserError(f"{where} (step {step}): {err}") from None
+        events.append((step, ops))
+        last = step
+    return events
+
+
+def _check_growth(s: Settings) -> None:
+    g = s.growth
+    _require(
+        g.lr_policy in ("continue", "rewarm"),
+        f"growth.lr_policy must be continue or rewarm, got {g.lr_policy!r}",
+    )
+    _require(g.rewarm_steps is None or g.rewarm_steps > 0, "growth.rewarm_steps must be positive")
+    if not g.pending():
+        return
+    t = s.trainer
+    _require(
+        t.strategy in ("auto", "single_device") and t.devices in (1, "auto") and t.num_nodes == 1,
+        f"growth.schedule runs on one device (trainer.strategy={t.strategy}, "
+        f"devices={t.devices}); on several, grow between runs with `altup grow`",
+    )
+    growth_events(s, s.model_config(vocab_size=s.model.get("vocab_size") or 257))
 
 
 def _check_values(s: Settings) -> None:

@@ -100,14 +100,14 @@ def plan(
     steps = []
     for op in ops:
         size = op.target(cfg)
+        if size == current_size(cfg, op.kind):
+            continue
+        cfg = grown_config(cfg, op.kind, size, op.position)
         if op.kind not in EXACT and not allow_inexact:
             raise ValueError(
                 f"{op} is not function-preserving (new experts can enter the top-k); "
                 "pass --allow-inexact to apply it and report the output change"
             )
-        if size == current_size(cfg, op.kind):
-            continue
-        cfg = grown_config(cfg, op.kind, size, op.position)
         steps.append((op, size, cfg))
     if not steps:
         raise ValueError("nothing to grow: every op leaves the model as it is")

@@ -23,6 +23,16 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def with_rewarm(multiplier: float, step: int, history: list[dict[str, Any]]) -> float:
+    """The LR multiplier after growth: events with `lr_policy: rewarm` ramp it up again
+    linearly over their `rewarm_steps` (the latest such event counts)."""
+    for event in reversed(history):
+        if event.get("lr_policy") == "rewarm" and event["step"] <= step:
+            ramp = (step - event["step"] + 1) / max(1, int(event.get("rewarm_steps") or 1))
+            return multiplier * min(1.0, ramp)
+    return multiplier
+
+
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
@@ -34,19 +44,26 @@ class LanguageModelModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.run_config = config
-        self.model_config = ModelConfig.from_dict(model_config)
-        self.model = TransformerLM(self.model_config)
+        self.tokens_per_batch = config["data"]["seq_len"] * config["data"]["batch_size"]
+        self.flops_seen = 0.0  # training FLOPs so far (all ranks), across growth events
+        self.curve: list[dict[str, float]] = []  # (step, tokens, FLOPs, val loss) points
+        self.install_model(TransformerLM(ModelConfig.from_dict(model_config)))
+
+    def install_model(self, model: TransformerLM) -> None:
+        """Train `model` from now on (at construction, and when growth replaces it)."""
+        self.model = model
+        self.model_config = model.config
+        self.hparams["model_config"] = model.config.to_dict()
         # PEER/PKM tables keep factored gradients that the optimizer averages over ranks
         # itself (`training.optim`), so DDP leaves them alone.
         self._ddp_params_and_buffers_to_ignore = [
-            f"model.{name}" for name, p in self.model.named_parameters() if is_table(p)
+            f"model.{name}" for name, p in model.named_parameters() if is_table(p)
         ]
-        if config["run"]["compile"]:
-            self.model.compile()  # in place: parameter names and checkpoints are unchanged
-        seq_len = config["data"]["seq_len"]
-        self.tokens_per_batch = seq_len * config["data"]["batch_size"]
+        if self.run_config["run"]["compile"]:
+            model.compile()  # in place: parameter names and checkpoints are unchanged
+        seq_len = self.run_config["data"]["seq_len"]
         # Read by Lightning's ThroughputMonitor to report FLOP/s and MFU.
-        self.flops_per_batch = training_flops_per_token(self.model_config, seq_len)["total"] * (
+        self.flops_per_batch = training_flops_per_token(model.config, seq_len)["total"] * (
             self.tokens_per_batch
         )
 
@@ -63,6 +80,7 @@ class LanguageModelModule(L.LightningModule):
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = lm_loss(self(batch[:, :-1]), batch[:, 1:])
         self.log("train/loss", loss, prog_bar=True)
+        self.flops_seen += self.flops_per_batch * self.trainer.world_size
         aux = self.model.aux_loss()
         if aux is not None:  # MoE load balance, already weighted by ffn.balance_weight
             self.log("train/aux_loss", aux)
@@ -87,14 +105,21 @@ class LanguageModelModule(L.LightningModule):
         val_loss = self.trainer.callback_metrics.get("val/loss")
         if val_loss is not None:
             self.log("val/ppl", torch.exp(val_loss), sync_dist=True)
+            self.log("val/cumulative_flops", self.flops_seen, sync_dist=False)
+            step = self.trainer.global_step
+            world = self.trainer.world_size * self.run_config["trainer"]["accumulate_grad_batches"]
+            point = {"step": step, "tokens": step * self.tokens_per_batch * world}
+            self.curve.append({**point, "flops": self.flops_seen, "val_loss": float(val_loss)})
 
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.run_config["optim"]
         total = o.get("schedule_steps") or self.run_config["trainer"]["max_steps"]
         optimizer = build_optimizer(self.model, o, self.model_config.ffn.table_lr)
         warmup, min_ratio = o["warmup_steps"], o["min_lr_ratio"]
+        history = self.run_config.setdefault("growth", {}).setdefault("history", [])
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup, total, min_ratio)
+            optimizer,
+            lambda step: with_rewarm(warmup_cosine(step, warmup, total, min_ratio), step, history),
         )
         return {
             "optimizer": optimizer,
@@ -107,4 +132,11 @@ class LanguageModelModule(L.LightningModule):
             "format": 1,
             "config": self.run_config,
             "model": self.model_config.to_dict(),
+            "flops_seen": self.flops_seen,
+            "curve": self.curve,
         }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get("altup", {})
+        self.flops_seen = float(meta.get("flops_seen", 0.0))
+        self.curve = list(meta.get("curve", []))

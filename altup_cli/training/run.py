@@ -29,7 +29,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from altup_cli.config import Settings
+from altup_cli.config import Settings, growth_events
 from altup_cli.console import console, say
 from altup_cli.data.corpora import Corpus, load_embedded, load_hf_dataset, load_text_files
 from altup_cli.data.tokenizer import load_tokenizer, tokenizer_from_files, trained_tokenizer
@@ -49,6 +49,7 @@ from altup_cli.training.callbacks import (
     ValidateAtEnd,
 )
 from altup_cli.training.datamodule import PackedTextDataModule
+from altup_cli.training.growth import GrowthSchedule
 from altup_cli.training.lm_module import LanguageModelModule
 
 log = logging.getLogger("altup")
@@ -175,18 +176,34 @@ def resumed_config(ckpt_path: Path, overrides: list[str], composed: DictConfig) 
     cfg = OmegaConf.create(ckpt["altup"]["config"])
     OmegaConf.set_struct(cfg, True)
     dotted = [o for o in overrides if "=" in o and "." in o.split("=", 1)[0]]
-    try:
-        merged = OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotted))
-    except Exception as err:  # omegaconf's errors are many; all mean a bad override
+    try:  # Hydra's own override grammar, so `a=[{step: 4}]` means what it means in a new run
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        merged = cfg
+        for override in OverridesParser.create().parse_overrides(dotted):
+            OmegaConf.update(merged, override.key_or_group.lstrip("+"), override.value())
+    except Exception as err:  # hydra's and omegaconf's errors are many; all mean a bad override
         raise UserError(f"--resume override: {str(err).splitlines()[0]}") from None
+    grown = bool(merged.get("growth", {}).get("history"))
     for item in overrides:
         key = item.split("=", 1)[0].lstrip("+~")
-        if "." not in key and key in merged and merged[key] != composed.get(key):
+        if "." in key or key not in merged or (key in ("model", "ffn") and grown):
+            continue  # a grown run's model is no longer its preset
+        if _without_history(merged[key]) != _without_history(composed.get(key)):
             raise UserError(
                 f"--resume: {item} differs from the checkpoint's {key}; "
                 "a resumed run keeps its config groups"
             )
     return merged
+
+
+def _without_history(section: Any) -> Any:
+    """A config section as a plain value, minus the growth history a run accumulates."""
+    if isinstance(section, DictConfig):
+        section = OmegaConf.to_container(section)
+    if isinstance(section, dict):
+        return {k: v for k, v in section.items() if k != "history"}
+    return section
 
 
 def _write_run_files(
@@ -325,6 +342,9 @@ def build_trainer(s: Settings, run_dir: Path, stats: TrainingStats, logger: Any)
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if s.ffn.kind in ("peer", "pkm"):
         callbacks.append(ExpertUsageLogger(t.log_every_n_steps))
+    if s.growth.pending():
+        model_cfg = s.model_config(s.model.get("vocab_size") or 257)
+        callbacks.append(GrowthSchedule(growth_events(s, model_cfg), s.run.seed))
     interactive = sys.stderr.isatty()
     callbacks.append(RichProgressBar() if interactive else LineProgress(t.log_every_n_steps, stats))
     return L.Trainer(
@@ -419,7 +439,7 @@ def _fit(
     trainer = build_trainer(s, run_dir, stats, _logger(s, run_dir, wandb_id))
     if not datamodule.val_indices:
         trainer.limit_val_batches = 0
-    counts = parameter_counts(model_cfg)
+    counts = parameter_counts(model_cfg)  # at the start (growth may enlarge the model)
     if rank == 0:
         log.info(
             f"run {run_dir}  |  {counts['total']:,} parameters  |  {data.stream.n_tokens:,} tokens "
@@ -453,9 +473,14 @@ def _fit(
             trainer.world_size,
             s.trainer.max_steps,
         ),
-        "parameters": counts,
-        "active_parameters": active_parameters(model_cfg),
-        "training_flops_per_token": training_flops_per_token(model_cfg, s.data.seq_len)["total"],
+        "parameters": parameter_counts(module.model_config),
+        "active_parameters": active_parameters(module.model_config),
+        "training_flops_per_token": training_flops_per_token(module.model_config, s.data.seq_len)[
+            "total"
+        ],
+        "training_flops": module.flops_seen,
+        "validation_curve": module.curve,
+        "growth": module.run_config.get("growth", {}).get("history", []),
         "wall_seconds": wall,
         "best_checkpoint": trainer.checkpoint_callback.best_model_path or None,  # type: ignore[union-attr]
     }

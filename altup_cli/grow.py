@@ -1,0 +1,206 @@
+"""`altup grow CKPT OPS… -o OUT`: grow a trained checkpoint function-preservingly.
+
+OUT becomes a run directory that `altup train --resume OUT` continues (model, optimizer
+moments, LR schedule, step count, data position) and `altup_cli.load(OUT)` loads: a
+`checkpoints/last.ckpt`, `export/`, `.hydra/config.yaml` and `run.json` naming the source.
+Everything is checked before anything is written, and nothing existing is overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from altup_cli.console import console, say
+from altup_cli.errors import UserError
+from altup_cli.export import read_checkpoint, save_export
+from altup_cli.growth import GrowthOp, parse_op, plan, preset_ops
+from altup_cli.models.transformer import ModelConfig, TransformerLM
+from altup_cli.training.growth import grow_with_optimizer, max_logit_change, record_growth
+from altup_cli.training.lm_module import warmup_cosine, with_rewarm
+
+SAMPLE_SHAPE = (4, 128)  # the sample batch of random tokens Δlogits is measured on
+
+
+def _checkpoint_path(source: str) -> Path:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise UserError(f"{source}: no checkpoint there (expected a .ckpt or a run directory)")
+    return path
+
+
+def _load_model(ckpt: dict[str, Any], path: Path) -> TransformerLM:
+    try:
+        model = TransformerLM(ModelConfig.from_dict(ckpt["altup"]["model"]))
+        state = {
+            k.removeprefix("model."): v
+            for k, v in ckpt["state_dict"].items()
+            if k.startswith("model.")
+        }
+        model.load_state_dict(state)
+    except (ValueError, TypeError, KeyError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path}: not a loadable altup model ({first})") from None
+    return model
+
+
+def _ops(texts: list[str], to: str | None, cfg: ModelConfig) -> list[GrowthOp]:
+    from altup_cli.config import model_preset
+
+    try:
+        ops = [parse_op(t) for t in texts]
+        if to is not None:
+            key, _, name = to.partition("=")
+            if key != "model" or not name:
+                raise ValueError(f"--to expects model=PRESET, got {to!r}")
+            ops = preset_ops(cfg, model_preset(name), name) + ops
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if not ops:
+        raise UserError("nothing to grow: give ops (e.g. mlp_width=2048 layers=+2) or --to")
+    return ops
+
+
+def _rewarm_lrs(ckpt: dict[str, Any], config: dict[str, Any], step: int) -> None:
+    """Set the stored optimizer's and scheduler's LRs to what the policy gives now (a
+    resumed run takes its first LR from them)."""
+    o, total_steps = config["optim"], config["trainer"]["max_steps"]
+    total = o.get("schedule_steps") or total_steps
+    factor = with_rewarm(
+        warmup_cosine(step, o["warmup_steps"], total, o["min_lr_ratio"]),
+        step,
+        config["growth"]["history"],
+    )
+    schedulers = ckpt.get("lr_schedulers", [])
+    for opt_state, sched in zip(ckpt["optimizer_states"], schedulers, strict=False):
+        lrs = [base * factor for base in sched["base_lrs"]]
+        for group, lr in zip(opt_state["param_groups"], lrs, strict=True):
+            group["lr"] = lr
+        sched["_last_lr"] = lrs
+
+
+def grow_checkpoint(
+    source: str,
+    op_texts: list[str],
+    out: str,
+    to: str | None = None,
+    allow_inexact: bool = False,
+    lr_policy: str = "continue",
+    rewarm_steps: int | None = None,
+    seed: int = 0,
+) -> Path:
+    """Grow `source` by the ops and write the run directory `out`; returns it."""
+    if lr_policy not in ("continue", "rewarm"):
+        raise UserError(f"--lr-policy must be continue or rewarm, got {lr_policy!r}")
+    if rewarm_steps is not None and rewarm_steps < 1:
+        raise UserError(f"--rewarm-steps must be positive, got {rewarm_steps}")
+    out_dir = Path(out).expanduser()
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise UserError(f"-o {out}: exists and is not empty (nothing is overwritten)")
+    path = _checkpoint_path(source)
+    ckpt = read_checkpoint(path)
+    model = _load_model(ckpt, path)
+    ops = _ops(op_texts, to, model.config)
+    try:
+        plan(model.config, ops, allow_inexact)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+    config = ckpt["altup"]["config"]
+    optimizer_states = ckpt.get("optimizer_states") or [None]
+    step = int(ckpt.get("global_step", 0))
+    grown, state = grow_with_optimizer(
+        model, ops, optimizer_states[0], config["optim"]["weight_decay"], seed, allow_inexact
+    )
+    tokens = torch.randint(
+        0,
+        model.config.vocab_size,
+        (SAMPLE_SHAPE[0], min(SAMPLE_SHAPE[1], model.config.max_seq_len)),
+        generator=torch.Generator().manual_seed(seed),
+    )
+    change = max_logit_change(model, grown, tokens)
+    event = {
+        "step": step,
+        "ops": [str(op) for op in ops],
+        "source": f"altup grow {path}",
+        "lr_policy": lr_policy,
+        "rewarm_steps": rewarm_steps or config["optim"]["warmup_steps"],
+        "max_abs_dlogits": change,
+        "parameters": grown.num_parameters(),
+    }
+    config.setdefault("growth", {"schedule": [], "lr_policy": "continue", "rewarm_steps": None})
+    record_growth(config, grown, event)
+    ckpt["state_dict"] = {f"model.{k}": v for k, v in grown.state_dict().items()}
+    if state is not None:
+        ckpt["optimizer_states"] = [state]
+        _rewarm_lrs(ckpt, config, step)
+    ckpt["altup"]["model"] = grown.config.to_dict()
+    ckpt.setdefault("hyper_parameters", {}).update(
+        config=config, model_config=grown.config.to_dict()
+    )
+    # The best-checkpoint record belongs to the smaller model's run directory.
+    ckpt["callbacks"] = {
+        k: v for k, v in ckpt.get("callbacks", {}).items() if not k.startswith("ModelCheckpoint")
+    }
+    _write(out_dir, ckpt, grown, path, config)
+    print_growth(model, grown, change, ops, out_dir)
+    return out_dir
+
+
+def _write(
+    out_dir: Path, ckpt: dict[str, Any], grown: TransformerLM, path: Path, config: dict[str, Any]
+) -> None:
+    (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    target = out_dir / "checkpoints" / "last.ckpt"
+    tmp = target.with_suffix(".ckpt.tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, target)  # atomic: a reader never sees half a checkpoint
+    source_run = path.parent.parent
+    tokenizer = source_run / "export" / "tokenizer.json"
+    save_export(grown, out_dir / "export", tokenizer if tokenizer.is_file() else None)
+    (out_dir / ".hydra").mkdir(exist_ok=True)
+    (out_dir / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+    meta_path = source_run / "run.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta.pop("wandb_id", None)  # a new W&B run: a new run directory
+    meta.update(
+        status="grown",
+        grown_from=str(path),
+        created=datetime.now().isoformat(timespec="seconds"),
+        name=config["run"]["name"],
+    )
+    (out_dir / "run.json").write_text(json.dumps(meta, indent=2))
+    if not tokenizer.is_file():
+        say(f"note: no tokenizer beside {path}; the export has none")
+
+
+SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "head_dim", "v_head_dim", "d_ff", "norm_eps")
+
+
+def print_growth(
+    old: TransformerLM, new: TransformerLM, change: float, ops: list[GrowthOp], out: Path
+) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"altup grow: {' '.join(str(op) for op in ops)}")
+    for column in ("", "before", "after"):
+        table.add_column(column, justify="right" if column else "left")
+    for name in SHAPE_FIELDS:
+        table.add_row(name, str(getattr(old.config, name)), str(getattr(new.config, name)))
+    if old.config.ffn.kind in ("peer", "pkm"):
+        for name in ("num_experts", "d_key"):
+            a, b = getattr(old.config.ffn, name), getattr(new.config.ffn, name)
+            table.add_row(f"ffn.{name}", str(a), str(b))
+    table.add_row("parameters", f"{old.num_parameters():,}", f"{new.num_parameters():,}")
+    console.print(table)
+    shape = "×".join(map(str, SAMPLE_SHAPE))
+    say(f"max |Δlogits| on a sample batch ({shape} random tokens, fp32): {change:.3e}")
+    say(f"grown checkpoint: {out / 'checkpoints' / 'last.ckpt'}  (altup train --resume {out})")
