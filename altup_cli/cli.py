@@ -194,6 +194,9 @@ Prints ratios (Lightning step vs a bare PyTorch loop on the same model and batch
   and dense FFNs of width 4d and h·k, then a full training step with PEER vs dense.
 
 * `altup bench --suite peer --d-models 512 --experts 256 --repeats 5`
+
+* `altup bench --suite growth` — max |Δlogits| of every growth transform (and all six
+  composed) on nano-sized dense, AltUp, PEER, PKM and MoE models, fp32 and fp64.
 """
 )
 def bench(
@@ -207,7 +210,8 @@ def bench(
     seq_len: int = typer.Option(256, help="Tokens per sequence."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     suite: str = typer.Option(
-        "lightning", help="lightning (vs bare loop), altup (variants) or peer (FFN layer)."
+        "lightning",
+        help="lightning (vs bare loop), altup (variants), peer (FFN layer) or growth (exactness).",
     ),
     compile: bool = typer.Option(
         False, "--compile", help="torch.compile the models (altup suite)."
@@ -231,8 +235,12 @@ def bench(
 
         widths, roots = _int_list(d_models, "--d-models"), _int_list(experts, "--experts")
         run_peer_benchmark(widths, roots, tokens, repeats, naive_max, 4, 256)
+    elif suite == "growth":
+        from altup_cli.benchmark_growth import run_growth_benchmark
+
+        run_growth_benchmark()
     else:
-        raise UserError(f"--suite must be lightning, altup or peer, got {suite!r}")
+        raise UserError(f"--suite must be lightning, altup, peer or growth, got {suite!r}")
 
 
 def _int_list(text: str, option: str) -> list[int]:

@@ -52,6 +52,8 @@ def compare(
         metrics = json.loads((run_dir / "metrics.json").read_text())
         rows.append({"variant": label, "run_dir": str(run_dir), **metrics})
     print_comparison(rows)
+    if any(r.get("growth") for r in rows):
+        print_curves(rows)
     output_dir = Path(planned[0][2].run.output_dir)
     stamp = f"{datetime.now():%Y-%m-%d_%H-%M-%S}"
     out = output_dir / f"compare-{stamp}_{recipe or 'defaults'}.json"
@@ -77,3 +79,23 @@ def print_comparison(rows: list[dict[str, Any]]) -> None:
         },
         rows,
     )
+
+
+def print_curves(rows: list[dict[str, Any]]) -> None:
+    """Validation loss against cumulative training FLOPs, one column pair per variant
+    (growth changes a run's FLOPs per token, so tokens alone do not compare them)."""
+    curves = [{p["step"]: p for p in r.get("validation_curve", [])} for r in rows]
+    steps = sorted({s for c in curves for s in c})
+    columns: dict[str, Any] = {"step": lambda s: str(s)}
+    for row, curve in zip(rows, curves, strict=True):
+        label = row["variant"]
+
+        def flops(s: int, c: dict = curve) -> str:
+            return f"{c[s]['flops']:.3e}" if s in c else "—"
+
+        def loss(s: int, c: dict = curve) -> str:
+            return f"{c[s]['val_loss']:.4f}" if s in c else "—"
+
+        columns[f"{label}: FLOPs"] = flops
+        columns[f"{label}: val loss"] = loss
+    print_table("validation loss vs cumulative training FLOPs", columns, steps)  # type: ignore[arg-type]

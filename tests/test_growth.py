@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from altup_cli.benchmark_growth import randomize_
 from altup_cli.growth import TRANSFORMS, apply_plan, grow, parse_op, plan
 from altup_cli.growth.remap import new_mask, old_entries, place
 from altup_cli.growth.transforms import layers as layers_plan
@@ -49,18 +50,7 @@ def random_model(kind: str, dtype: torch.dtype = torch.float32, seed: int = 0) -
     cfg = ModelConfig(
         vocab_size=256, d_model=16, n_layers=3, n_heads=2, d_ff=32, max_seq_len=64, **KINDS[kind]
     )
-    g = torch.Generator().manual_seed(seed)
-    model = TransformerLM(cfg).to(dtype)
-    with torch.no_grad():
-        for p in model.parameters():
-            std = 0.3 if p.ndim < 2 else float(p.double().std()) + 0.02
-            p.add_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p) * std)
-        for name, b in model.named_buffers():
-            if name.endswith("running_var"):
-                b.uniform_(0.5, 2.0, generator=g)
-            elif name.endswith("running_mean"):
-                b.normal_(0.0, 0.3, generator=g)
-    return model.eval()
+    return randomize_(TransformerLM(cfg).to(dtype), torch.Generator().manual_seed(seed))
 
 
 def text_batch(length: int = 24, rows: int = 2) -> torch.Tensor:
@@ -260,6 +250,7 @@ def test_bad_ops_are_refused_before_anything_changes() -> None:
         ("width=3", "unknown growth transform"),
         ("mlp_width", "cannot parse"),
         ("heads=2@1", "only layers take"),
+        ("ffn.heads=16", "per-head output gate"),
     ]:
         with pytest.raises(ValueError, match=message):
             parse_op(text)

@@ -30,6 +30,14 @@ ALIASES = {
     "ffn.d_key": "ffn.d_key",
     "ffn.num_experts": "ffn.num_experts",
 }
+# Options whose growth cannot be exact, and why (spec, "PEER models").
+NOT_EXACT = {
+    "ffn.heads": "a new PEER/PKM head adds its experts' output at once (exact only with a "
+    "zero-initialised per-head output gate, which these layers do not have)",
+    "ffn.topk": "more retrieved experts change every token's output and softmax weights",
+    "altup.K": "a new AltUp block changes the readout (not one of the six transforms)",
+    "vocab_size": "new tokens need a new tokenizer",
+}
 # A preset's growable fields, in the order `--to` applies them.
 PRESET_FIELDS = ("d_model", "n_heads", "head_dim", "v_head_dim", "d_ff", "n_layers")
 _OP = re.compile(r"^(?P<key>[a-z_.]+)=(?P<plus>\+)?(?P<value>\d+)(@(?P<at>\d+))?$")
@@ -61,6 +69,8 @@ def parse_op(text: str) -> GrowthOp:
             f"(layers=+N@POSITION inserts before layer POSITION)"
         )
     key = match["key"]
+    if key in NOT_EXACT:
+        raise ValueError(f"{key} cannot grow function-preservingly: {NOT_EXACT[key]}")
     if key not in ALIASES:
         known = ", ".join(sorted({*ALIASES.values()}))
         raise ValueError(f"unknown growth transform {key!r} (known: {known})")

@@ -1,8 +1,9 @@
 """The six function-preserving transforms (Gesmundo & Maile 2023, §3) and PEER's own.
 
-Each transform takes a `TransformerLM` (and optionally its Adam state keyed by parameter
-name) and returns the grown model (and the remapped state). The zero / free / rescale rule
-of every tensor follows the paper's proofs (spec table):
+Each transform plans the grown config and, per tensor, where the old entries go
+(`remap.Placement`); `grow_one(model, kind, size, adam_state)` applies a plan and returns
+the grown model and its remapped Adam state (keyed by parameter name). The zero / free /
+rescale rule of every tensor follows the paper's proofs (spec table):
 
 | transform      | zero (output side)                 | free                      | rescale        |
 |----------------|------------------------------------|---------------------------|----------------|
