@@ -163,6 +163,85 @@ def grow(
     )
 
 
+sweep_app = typer.Typer(help="isoFLOP sweeps: plan, run (resumable) and fit.", no_args_is_help=True)
+app.add_typer(sweep_app, name="sweep")
+
+
+@sweep_app.command(
+    "isoflop",
+    help="""Plan and run an isoFLOP sweep over budgets × architectures × sizes, then fit it.
+
+Each point trains D = C / F tokens (F: the model's exact training FLOPs per token) with its
+own LR schedule, as an ordinary run in `<sweep>/points/<key>`; `results.csv` gets a row when
+a point finishes, so re-running the same command skips finished points and continues
+unfinished ones from their checkpoints.
+
+**Examples**
+
+* `altup sweep isoflop --budgets 1e13,3e13 --sizes d64x2,d96x3,nano --arch dense,peer --dry-run`
+
+* `altup sweep isoflop --recipe isoflop-peer` — the recipe's budgets, sizes and archs.
+
+* `altup sweep isoflop --budgets 1e15,3e15 --sizes nano,tiny,mini --executor local --jobs 2`
+
+* `altup sweep isoflop ... --executor slurm --partition gpu --gpus-per-node 1`
+""",
+)
+def sweep_isoflop(
+    overrides: list[str] = typer.Argument(None, help="Hydra overrides shared by every point."),
+    recipe: str | None = typer.Option(None, "--recipe", "-r", help="A recipe from recipes/."),
+    budgets: str | None = typer.Option(None, help="Comma-separated FLOP budgets, increasing."),
+    sizes: str | None = typer.Option(None, help="Model presets or d<width>x<layers>."),
+    arch: str | None = typer.Option(None, help="dense, moe, pkm, peer, altup_k2, recycled_k2."),
+    executor: str = typer.Option(
+        "subprocess", help="subprocess, inprocess, local (--jobs N), slurm or submitit-local."
+    ),
+    jobs: int = typer.Option(1, help="Parallel local processes (--executor local)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show the plan; start nothing."),
+    min_steps: int = typer.Option(20, help="Flag (and skip) points with fewer steps."),
+    run_flagged: bool = typer.Option(False, "--run-flagged", help="Train flagged points too."),
+    directory: str | None = typer.Option(
+        None, "--dir", help="Sweep directory (default <output_dir>/sweeps/<run.name>)."
+    ),
+    partition: str | None = typer.Option(None, help="SLURM partition."),
+    gpus_per_node: int = typer.Option(0, help="SLURM GPUs per job."),
+    cpus_per_task: int = typer.Option(0, help="CPUs per job (submitit)."),
+    timeout_min: int = typer.Option(60, help="Job time limit in minutes (submitit)."),
+    samples: int = typer.Option(1000, help="Bootstrap resamples for exponent intervals."),
+) -> None:
+    """Run an isoFLOP sweep."""
+    from altup_cli.sweep import isoflop
+    from altup_cli.sweep.plan import recipe_axes
+
+    defaults = recipe_axes(list(overrides or []), recipe)
+    chosen = {"budgets": budgets, "sizes": sizes, "arch": arch}
+    for key, value in chosen.items():
+        if value is None and defaults.get(key) is None:
+            raise UserError(f"--{key} is required (or a recipe with sweep.{key})")
+    isoflop(
+        list(overrides or []), recipe, budgets or defaults["budgets"],
+        arch or defaults["arch"], sizes or defaults["sizes"], executor, jobs, dry_run,
+        min_steps, run_flagged, directory,
+        {"partition": partition, "gpus_per_node": gpus_per_node,
+         "cpus_per_task": cpus_per_task, "timeout_min": timeout_min},
+        samples,
+    )  # fmt: skip
+
+
+@sweep_app.command("analyze")
+def sweep_analyze(
+    directory: str = typer.Argument(..., help="A sweep directory (with results.csv)."),
+    samples: int = typer.Option(1000, help="Bootstrap resamples for exponent intervals."),
+) -> None:
+    """Fit and plot a sweep's results: parabolas per budget, power laws across budgets."""
+    from altup_cli.sweep import analyze
+
+    path = Path(directory).expanduser()
+    if not (path / "results.csv").is_file():
+        raise UserError(f"{directory}: no results.csv there (not a sweep directory?)")
+    analyze(path, samples)
+
+
 @app.command()
 def recipes() -> None:
     """List the named experiments in recipes/."""

@@ -147,6 +147,7 @@ class LoggerSettings:
     entity: str | None
     mode: str | None
     tags: list[str] = field(default_factory=list)
+    group: str | None = None
 
 
 @dataclass
@@ -230,11 +231,18 @@ def _section(cls: type, values: Any, name: str) -> Any:
     unknown = sorted(set(values) - set(names))
     if unknown:
         raise UserError(f"{name}: unknown key(s) {', '.join(unknown)}")
-    missing = [n for n in names if n not in values]
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    missing = [n for n in required if n not in values]
     if missing:
         raise UserError(f"{name}: missing key(s) {', '.join(missing)}")
     try:
-        return cls(**{n: _check_type(values[n], hints[n], f"{name}.{n}") for n in names})
+        return cls(
+            **{n: _check_type(values[n], hints[n], f"{name}.{n}") for n in names if n in values}
+        )
     except ValueError as err:  # a dataclass's own invariants
         raise UserError(str(err)) from None
 
@@ -267,6 +275,7 @@ def validate(cfg: DictConfig) -> Settings:
     raw.pop("hydra", None)
     raw.pop("recipes", None)
     raw.pop("variants", None)  # a recipe's `altup compare` variants, read by compare
+    raw.pop("sweep", None)  # a recipe's isoFLOP sweep axes, read by `altup sweep isoflop`
     expected = {
         "run", "optim", "data", "tokenizer", "trainer", "logger", "model", "altup", "ffn", "growth"
     }  # fmt: skip

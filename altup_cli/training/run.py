@@ -287,6 +287,7 @@ def _logger(s: Settings, run_dir: Path, wandb_id: str | None) -> Any:
             save_dir=str(run_dir),
             mode=s.logger.mode,
             tags=list(s.logger.tags),
+            group=s.logger.group,
             id=wandb_id,
             resume="allow",
         )

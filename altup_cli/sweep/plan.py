@@ -1,0 +1,184 @@
+"""Planning an isoFLOP sweep (Chinchilla approach 2): for every (budget C, arch, size) the
+exact training FLOPs per token F of that model (the analytic count, checked against
+FlopCounterMode in the tests), tokens D = C / F rounded to whole optimizer steps, and an
+LR schedule sized to the run. Points with too few steps or more tokens than the corpus
+holds are flagged, not silently run.
+
+FLOP convention: every matrix product a token executes, forward + backward = 3 × forward,
+embeddings and attention included (Chinchilla's), active experts only for sparse layers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from altup_cli.config import compose_config, conf_dir, validate
+from altup_cli.errors import UserError
+from altup_cli.models.counting import (
+    active_parameters,
+    parameter_counts,
+    training_flops_per_token,
+)
+
+# Architecture axis: the overrides that make each family (PEER paper Fig. 1, plus AltUp).
+ARCHS: dict[str, list[str]] = {
+    "dense": ["ffn=dense", "altup=off"],
+    "moe": ["ffn=moe", "altup=off"],
+    "pkm": ["ffn=pkm", "altup=off"],
+    "peer": ["ffn=peer", "altup=off"],
+    "altup_k2": ["ffn=dense", "altup=k2"],
+    "recycled_k2": ["ffn=dense", "altup=recycled_k2"],
+}
+_SIZE = re.compile(r"^d(?P<width>\d+)x(?P<layers>\d+)$")
+
+
+@dataclass
+class SweepPoint:
+    budget: float
+    arch: str
+    size: str
+    overrides: list[str]
+    flops_per_token: float
+    tokens_per_step: int
+    steps: int
+    params: int
+    non_embedding: int
+    active_params: int
+    corpus_tokens: int
+    flags: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return f"{self.budget:.3g}_{self.arch}_{self.size}".replace("+", "")
+
+    @property
+    def tokens(self) -> int:
+        return self.steps * self.tokens_per_step
+
+    @property
+    def flops(self) -> float:
+        return self.tokens * self.flops_per_token
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "key": self.key, "tokens": self.tokens, "flops": self.flops}
+
+
+def size_overrides(size: str) -> list[str]:
+    """A model preset (`nano`, `tiny`, …) or `d<width>x<layers>` (heads of 32, MLP 4×)."""
+    if (conf_dir() / "model" / f"{size}.yaml").is_file():
+        return [f"model={size}"]
+    match = _SIZE.match(size)
+    if match is None:
+        presets = ", ".join(sorted(p.stem for p in (conf_dir() / "model").glob("*.yaml")))
+        raise UserError(f"unknown size {size!r} (a preset: {presets}; or d<width>x<layers>)")
+    width, layers = int(match["width"]), int(match["layers"])
+    heads = max(1, width // 32)
+    return [
+        "model=nano",
+        f"model.d_model={width}",
+        f"model.n_layers={layers}",
+        f"model.n_heads={heads}",
+        f"model.d_ff={4 * width}",
+    ]
+
+
+def parse_budgets(text: str) -> list[float]:
+    try:
+        budgets = [float(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise UserError(f"--budgets must be comma-separated numbers, got {text!r}") from None
+    if not budgets or min(budgets) <= 0:
+        raise UserError(f"--budgets must be positive FLOP counts, got {text!r}")
+    if any(b >= c for b, c in itertools.pairwise(budgets)):
+        raise UserError(f"--budgets must be strictly increasing, got {text!r}")
+    return budgets
+
+
+def parse_names(text: str, option: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names or len(set(names)) != len(names):
+        raise UserError(f"{option} must list distinct names, got {text!r}")
+    return names
+
+
+def plan_sweep(
+    overrides: list[str],
+    recipe: str | None,
+    budgets: list[float],
+    archs: list[str],
+    sizes: list[str],
+    min_steps: int,
+    corpus_tokens: Any,
+) -> list[SweepPoint]:
+    """Every (budget, arch, size) point; `corpus_tokens(settings) -> (vocab, train tokens)`
+    prepares (or reads the cached) data to learn the vocabulary and corpus size."""
+    unknown = [a for a in archs if a not in ARCHS]
+    if unknown:
+        raise UserError(f"unknown arch {unknown[0]!r} (known: {', '.join(ARCHS)})")
+    models = []
+    for arch in archs:
+        for size in sizes:
+            point_overrides = [*overrides, *ARCHS[arch], *size_overrides(size)]
+            s = validate(compose_config(point_overrides, recipe))
+            vocab, train_tokens = corpus_tokens(s)
+            cfg = s.model_config(vocab)
+            per_step = s.data.batch_size * s.data.seq_len * s.trainer.accumulate_grad_batches
+            per_step *= s.trainer.num_nodes * (
+                s.trainer.devices if s.trainer.devices != "auto" else 1
+            )
+            counts = parameter_counts(cfg)
+            models.append((arch, size, point_overrides, s, per_step, train_tokens, counts, cfg))
+    points = []
+    for budget in budgets:
+        row = []
+        for arch, size, point_overrides, s, per_step, train_tokens, counts, cfg in models:
+            flops = training_flops_per_token(cfg, s.data.seq_len)["total"]
+            steps = round(budget / (flops * per_step))
+            point = SweepPoint(
+                budget, arch, size, [], flops, per_step, steps, counts["total"],
+                counts["non_embedding"], active_parameters(cfg), train_tokens,
+            )  # fmt: skip
+            point.overrides = [*point_overrides, *schedule_overrides(s, steps)]
+            if steps < min_steps:
+                point.flags.append(f"{steps} steps < {min_steps}")
+            if point.tokens > train_tokens:
+                point.flags.append(f"{point.tokens / train_tokens:.1f} epochs")
+            row.append(point)
+        if all(p.steps == 0 for p in row):
+            cheapest = min(p.flops_per_token * p.tokens_per_step for p in row)
+            raise UserError(
+                f"budget {budget:.3g} is too small for one step of any model "
+                f"(the cheapest step costs {cheapest:.3g} FLOPs)"
+            )
+        points += row
+    return points
+
+
+def schedule_overrides(s: Any, steps: int) -> list[str]:
+    """An LR schedule sized to this run (warmup at most 10% of it, cosine over all of it),
+    and validation (so a checkpoint) halfway and at the end."""
+    steps = max(steps, 1)
+    warmup = min(s.optim.warmup_steps, steps // 10)
+    return [
+        f"trainer.max_steps={steps}",
+        f"optim.schedule_steps={steps}",
+        f"optim.warmup_steps={warmup}",
+        f"trainer.val_check_interval={max(1, steps // 2)}",
+    ]
+
+
+def recipe_axes(overrides: list[str], recipe: str | None) -> dict[str, str | None]:
+    """A recipe's `sweep:` section (budgets, sizes, arch as comma-separated strings)."""
+    if recipe is None:
+        return {}
+    section = compose_config(overrides, recipe).get("sweep") or {}
+
+    def text(value: Any) -> str | None:
+        if value is None:
+            return None
+        return ",".join(str(v) for v in value) if not isinstance(value, str) else value
+
+    return {k: text(section.get(k)) for k in ("budgets", "sizes", "arch")}
