@@ -198,7 +198,9 @@ def sweep_isoflop(
     ),
     jobs: int = typer.Option(1, help="Parallel local processes (--executor local)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show the plan; start nothing."),
-    min_steps: int = typer.Option(20, help="Flag (and skip) points with fewer steps."),
+    min_steps: int | None = typer.Option(
+        None, help="Flag (and skip) points with fewer steps (default: recipe's, else 20)."
+    ),
     run_flagged: bool = typer.Option(False, "--run-flagged", help="Train flagged points too."),
     directory: str | None = typer.Option(
         None, "--dir", help="Sweep directory (default <output_dir>/sweeps/<run.name>)."
@@ -221,7 +223,7 @@ def sweep_isoflop(
     isoflop(
         list(overrides or []), recipe, budgets or defaults["budgets"],
         arch or defaults["arch"], sizes or defaults["sizes"], executor, jobs, dry_run,
-        min_steps, run_flagged, directory,
+        min_steps or int(defaults.get("min_steps") or 20), run_flagged, directory,
         {"partition": partition, "gpus_per_node": gpus_per_node,
          "cpus_per_task": cpus_per_task, "timeout_min": timeout_min},
         samples,

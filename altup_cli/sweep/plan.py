@@ -177,8 +177,8 @@ def recipe_axes(overrides: list[str], recipe: str | None) -> dict[str, str | Non
     section = compose_config(overrides, recipe).get("sweep") or {}
 
     def text(value: Any) -> str | None:
-        if value is None:
-            return None
-        return ",".join(str(v) for v in value) if not isinstance(value, str) else value
+        if value is None or isinstance(value, (str, int, float)):
+            return None if value is None else str(value)
+        return ",".join(str(v) for v in value)
 
-    return {k: text(section.get(k)) for k in ("budgets", "sizes", "arch")}
+    return {k: text(section.get(k)) for k in ("budgets", "sizes", "arch", "min_steps")}
