@@ -19,12 +19,18 @@ from altup_cli.sweep.execute import EXECUTORS, run_points
 from altup_cli.sweep.plan import SweepPoint, parse_budgets, parse_names, plan_sweep
 from altup_cli.sweep.results import add_result, read_results
 
+_CORPORA: dict[str, tuple[int, int]] = {}
+
 
 def _corpus_tokens(s: Any) -> tuple[int, int]:
+    """(vocabulary size, training tokens) of a point's data, prepared once per sweep."""
     from altup_cli.training.run import prepare_data
 
-    stream = prepare_data(s).stream
-    return stream.vocab_size, int(stream.n_tokens * (1 - s.data.val_fraction))
+    key = repr((s.data, s.tokenizer, s.run.cache_dir))
+    if key not in _CORPORA:
+        stream = prepare_data(s).stream
+        _CORPORA[key] = (stream.vocab_size, int(stream.n_tokens * (1 - s.data.val_fraction)))
+    return _CORPORA[key]
 
 
 def isoflop(
