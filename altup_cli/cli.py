@@ -244,6 +244,61 @@ def sweep_analyze(
     analyze(path, samples)
 
 
+eval_app = typer.Typer(help="Evaluate pretrained checkpoints.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command(
+    "glue",
+    help="""Fine-tune a checkpoint on GLUE tasks and report the official dev metrics.
+
+Each task starts from the same pretrained weights with a new head (classification, or
+regression for STS-B) on the last token's (or the mean) hidden state; pairs are joined with
+the tokenizer's EOS. Reports CoLA Matthews corr., STS-B Pearson/Spearman, MRPC/QQP F1 and
+accuracy, accuracy elsewhere (MNLI matched and mismatched), the majority-class baseline
+and the GLUE average, as a table, `glue.json` and a W&B run. Settings: conf/eval/glue.yaml,
+overridden with `eval.<key>=…` or per task `eval.tasks.<task>.<key>=…`.
+
+**Examples**
+
+* `altup eval glue outputs/2026-11-22/10-00-00_quickstart --tasks sst2,rte,mrpc,cola`
+
+* `altup eval glue RUN --tasks all --data-dir ~/glue_data eval.epochs=5 eval.pooling=mean`
+
+* `altup eval glue RUN/checkpoints/last.ckpt --tasks rte eval.tasks.rte.lr=1e-4`
+
+* `altup eval glue RUN --tasks mnli eval.source=hf --data-dir nyu-mll/glue` (network)
+
+* `altup eval glue RUN --tasks cola eval.source=hf --data-dir saved/` (`save_to_disk` copy)
+""",
+)
+def eval_glue(
+    checkpoint: str = typer.Argument(
+        ..., help="A run directory, export directory or .ckpt written by altup."
+    ),
+    overrides: list[str] = typer.Argument(None, help="Settings, e.g. eval.epochs=5."),
+    tasks: str = typer.Option(
+        "all", help="Comma-separated: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli; or all."
+    ),
+    data_dir: str = typer.Option(
+        "glue_data",
+        "--data-dir",
+        help="GLUE's TSV layout (TASK/train.tsv, dev.tsv; MNLI dev_matched.tsv, "
+        "dev_mismatched.tsv); with eval.source=hf a save_to_disk directory or a hub name.",
+    ),
+    out: str | None = typer.Option(
+        None,
+        "--out",
+        "-o",
+        help="Result directory (default OUTPUT_DIR/glue/TIME_RUN); must not exist.",
+    ),
+) -> None:
+    """Fine-tune and score a checkpoint on GLUE."""
+    from altup_cli.eval_glue import eval_glue as run_eval
+
+    run_eval(checkpoint, tasks, data_dir, list(overrides or []), out)
+
+
 @app.command()
 def recipes() -> None:
     """List the named experiments in recipes/."""

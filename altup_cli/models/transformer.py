@@ -215,7 +215,9 @@ class TransformerLM(nn.Module):
             h = block(h, cos, sin)
         return h
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def features(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) → final-normed hidden states (B, T, d): what the LM head (or a
+        task head) reads."""
         if idx.shape[1] > self.config.max_seq_len:
             raise ValueError(
                 f"sequence length {idx.shape[1]} exceeds max_seq_len {self.config.max_seq_len}"
@@ -226,7 +228,10 @@ class TransformerLM(nn.Module):
         h = self.run_blocks(h)
         if self.readout is not None:
             h = self.readout(h)
-        h = self.final_norm(h)
+        return self.final_norm(h)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        h = self.features(idx)
         if self.head_from_embedding:
             return F.linear(h, self.embed.weight[:, : self.config.d_model])
         return self.lm_head(h)
