@@ -147,28 +147,39 @@ def model_config(d_model: int, num_experts: int | None) -> ModelConfig:
 def training_step_times(
     d_model: int, experts: list[int], batch: int, seq_len: int, repeats: int
 ) -> dict[str, float]:
-    """Median seconds per full training step of the dense model and PEER models."""
-    configs = {"dense": model_config(d_model, None)}
-    configs.update({f"peer N={n}": model_config(d_model, n) for n in experts})
-    runs = {}
-    for name, cfg in configs.items():
-        torch.manual_seed(0)
-        model = TransformerLM(cfg).train()
-        runs[name] = (model, build_optimizer(model, OPTIM, 1e-3))
+    """Median seconds per full training step (forward, backward, clip, optimizer) of the
+    dense model and of PEER models, each PEER model timed interleaved with the dense one
+    and alone in memory (at N = 1024², d = 512 it holds 12 GiB of tables and moments)."""
     ids = torch.randint(0, 8192, (batch, seq_len + 1), generator=torch.Generator().manual_seed(2))
-    times: dict[str, list[float]] = {k: [] for k in configs}
-    for rep in range(repeats + 1):
-        for name in configs if rep % 2 else list(configs)[::-1]:
-            model, opt = runs[name]
-            start = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            logits = model(ids[:, :-1])
-            F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
-            torch.nn.utils.clip_grad_norm_(dense_parameters(opt), 1.0)
-            opt.step()
-            if rep:
-                times[name].append(time.perf_counter() - start)
+    dense = _trainable(model_config(d_model, None))
+    times: dict[str, list[float]] = {"dense": []}
+    for n in experts:
+        name = f"peer N={n}"
+        runs = {"dense": dense, name: _trainable(model_config(d_model, n))}
+        times[name] = []
+        for rep in range(repeats + 1):
+            for key in runs if rep % 2 else list(runs)[::-1]:
+                seconds = _train_step(*runs[key], ids)
+                if rep:  # the first round warms up
+                    times[key].append(seconds)
+        del runs
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _trainable(cfg: ModelConfig) -> tuple[TransformerLM, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = TransformerLM(cfg).train()
+    return model, build_optimizer(model, OPTIM, 1e-3)
+
+
+def _train_step(model: TransformerLM, opt: torch.optim.Optimizer, ids: torch.Tensor) -> float:
+    start = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    logits = model(ids[:, :-1])
+    F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+    torch.nn.utils.clip_grad_norm_(dense_parameters(opt), 1.0)
+    opt.step()
+    return time.perf_counter() - start
 
 
 def _target(row: dict[str, Any]) -> str:
@@ -216,13 +227,12 @@ def run_peer_benchmark(
         },
         rows,
     )
-    # The full step holds every model and its Adam state at once (interleaved timing): at
-    # N = 1024² that is 12 GiB of tables and moments per model, so steps stop at 256².
-    step_experts = [n for n in experts if n <= 256**2][-1:] or experts[:1]
+    tokens_per_step = train_batch * train_seq
     for d in d_models:
-        times = training_step_times(d, step_experts, train_batch, train_seq, repeats)
+        times = training_step_times(d, experts, train_batch, train_seq, repeats)
         step_rows = [
-            {"model": k, "ms": t * 1e3, "ratio": t / times["dense"]} for k, t in times.items()
+            {"model": k, "ms": t * 1e3, "ratio": t / times["dense"], "tps": tokens_per_step / t}
+            for k, t in times.items()
         ]
         print_table(
             f"Full training step, 4 layers, d={d}, PEER in layer 2, "
@@ -230,6 +240,7 @@ def run_peer_benchmark(
             {
                 "model": lambda r: r["model"],
                 "ms/step": lambda r: f"{r['ms']:.0f}",
+                "tok/s": lambda r: f"{r['tps']:,.0f}",
                 "time / dense": lambda r: f"{r['ratio']:.2f}",
             },
             step_rows,

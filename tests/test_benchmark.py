@@ -50,3 +50,25 @@ def test_altup_suite_rows_compare_like_with_like() -> None:
     assert rows["recycled_k2"]["parameters"] == base["total"] + n_layers * 6
     assert rows["altup_k2"]["non_embedding"] == base["non_embedding"] + n_layers * 6
     assert rows["dense_2d"]["flops_ratio"] > 2.5 and rows["sequence_s2"]["flops_ratio"] < 1
+
+
+def test_peer_suite_rows_compare_like_with_like() -> None:
+    """The PEER suite at a toy size: one row per (d, N, layer), dense layers once per d,
+    the naive oracle only up to its limit, ratios taken against the right rows, and one
+    full-step row per N beside the dense model."""
+    from altup_cli.benchmark_ffn import run_peer_benchmark
+
+    rows = run_peer_benchmark([64], [16, 32], 64, 1, 16, 2, 16)
+    layer_rows = [r for r in rows if "kind" in r]
+    assert [(r["experts"], r["kind"]) for r in layer_rows] == [
+        (256, "peer"), (None, "dense_4d"), (None, "dense_hk"), (256, "naive"), (1024, "peer")
+    ]  # fmt: skip
+    naive = next(r for r in layer_rows if r["kind"] == "naive")
+    assert naive["vs_naive"] == 1.0 and layer_rows[1]["vs_dense_4d"] == 1.0
+    assert layer_rows[-1]["vs_naive"] is None  # 32² is above naive_max: no oracle run
+    assert all(r["peak_gib"] > 0 and r["tokens_per_s"] > 0 for r in layer_rows)
+    steps = {r["model"]: r for r in rows if "model" in r}
+    assert list(steps) == ["dense", "peer N=256", "peer N=1024"]
+    assert steps["dense"]["ratio"] == 1.0 and steps["peer N=1024"]["tps"] == pytest.approx(
+        32 / (steps["peer N=1024"]["ms"] / 1e3)
+    )
