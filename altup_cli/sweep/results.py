@@ -14,6 +14,13 @@ COLUMNS = [
     "wall_seconds", "run_dir",
 ]  # fmt: skip
 NUMERIC = set(COLUMNS) - {"key", "arch", "size", "run_dir"}
+COUNTS = {"steps", "tokens", "params", "non_embedding", "active_params"}  # written as integers
+
+
+def _parse(key: str, value: str) -> Any:
+    if key not in NUMERIC or not value:
+        return value
+    return int(float(value)) if key in COUNTS else float(value)
 
 
 def read_results(path: Path) -> dict[str, dict[str, Any]]:
@@ -23,7 +30,7 @@ def read_results(path: Path) -> dict[str, dict[str, Any]]:
     rows = {}
     with path.open(newline="") as handle:
         for row in csv.DictReader(handle):
-            rows[row["key"]] = {k: float(v) if k in NUMERIC and v else v for k, v in row.items()}
+            rows[row["key"]] = {k: _parse(k, v) for k, v in row.items()}
     return rows
 
 
