@@ -262,7 +262,7 @@ def finetune(
     train = subsample(train, s.max_train_examples, s.seed)
     steps = s.epochs * math.ceil(len(train.labels) / s.batch_size)
     settings = {f.name: getattr(s, f.name) for f in fields(GlueSettings)}
-    module = GlueModule(model.train(), task, settings, steps)
+    module = GlueModule(model.train(), task, settings | {"line_progress": not _tty()}, steps)
     module.dev_names = [d.name for d in devs]
     train_loader = loader(encode(train, tokenizer, sep, s.max_len), train.labels,
                           s.batch_size, True, s.seed, sep)  # fmt: skip
@@ -310,7 +310,7 @@ def _trainer(s: GlueSettings, task: Task, logger: Any, batches: int) -> Any:
     callbacks: list[L.Callback] = []
     if s.early_stopping:
         callbacks.append(EarlyStopping(f"glue/{task.name}/score", patience=s.patience, mode="max"))
-    interactive = sys.stderr.isatty()
+    interactive = _tty()
     if interactive:
         callbacks.append(RichProgressBar())
     gpu = s.accelerator in ("gpu", "cuda") or (
@@ -331,6 +331,10 @@ def _trainer(s: GlueSettings, task: Task, logger: Any, batches: int) -> Any:
         enable_model_summary=False,
         default_root_dir=None,
     )
+
+
+def _tty() -> bool:
+    return sys.stderr.isatty()
 
 
 def glue_scores(results: dict[str, Any]) -> dict[str, Any]:

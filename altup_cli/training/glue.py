@@ -85,6 +85,13 @@ class GlueModule(L.LightningModule):
         aux = self.model.aux_loss()
         return loss if aux is None else loss + aux  # MoE balance, already weighted
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """A line every tenth of the run when the log is not a terminal (CI, SLURM)."""
+        step, every = self.global_step, max(1, self.steps // 10)
+        if self.settings.get("line_progress") and step % every == 0 and step < self.steps:
+            loss = float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs)
+            say(f"{self.task.name} step {step:,}/{self.steps:,}  loss {loss:.4f}")
+
     def validation_step(
         self, batch: tuple[torch.Tensor, ...], batch_idx: int, dataloader_idx: int = 0
     ) -> None:
