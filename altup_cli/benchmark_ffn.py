@@ -11,6 +11,7 @@ Importable with torch alone (no Hydra/W&B), so it runs on a bare GPU machine.
 
 from __future__ import annotations
 
+import gc
 import json
 import statistics
 import subprocess
@@ -133,7 +134,14 @@ def layer_rows(
 
 def model_config(d_model: int, num_experts: int | None) -> ModelConfig:
     ffn = (
-        FFNConfig(kind="peer", num_experts=num_experts, heads=HEADS, topk=TOPK, d_key=D_KEY)
+        FFNConfig(
+            kind="peer",
+            num_experts=num_experts,
+            heads=HEADS,
+            topk=TOPK,
+            d_key=D_KEY,
+            layers="middle",
+        )
         if num_experts
         else FFNConfig()
     )
@@ -144,32 +152,85 @@ def model_config(d_model: int, num_experts: int | None) -> ModelConfig:
     )  # fmt: skip
 
 
+MIDDLE = 2  # the layer PEER (or its stand-in) occupies in the 4-layer step model
+
+
+def step_model(kind: str, d_model: int, num_experts: int) -> tuple[TransformerLM, Any]:
+    """The 4-layer model of the full-step benchmark and its optimizer. Layer `MIDDLE`'s
+    FFN is: `dense` a 4d MLP, `dense_hk` an MLP of width h·k (PEER's active neurons),
+    `peer` PEER with AdamW + lazy Adam on its tables, `naive` the same PEER run through
+    the materialising oracle with plain AdamW over whole tables (what the common
+    implementation pays: dense O(N·d) gradients and moments every step)."""
+    torch.manual_seed(0)
+    peer = kind in ("peer", "naive")
+    model = TransformerLM(model_config(d_model, num_experts if peer else None)).train()
+    if kind == "dense_hk":
+        model.blocks[MIDDLE].ffn = MLP(d_model, HEADS * TOPK)
+    if kind == "naive":
+        layer_ = model.blocks[MIDDLE].ffn
+        layer_.forward = layer_.forward_naive  # type: ignore[method-assign]
+        o = OPTIM
+        return model, torch.optim.AdamW(
+            model.parameters(), lr=o["lr"], betas=(o["beta1"], o["beta2"]), eps=o["eps"],
+            weight_decay=o["weight_decay"], fused=True,
+        )  # fmt: skip
+    return model, build_optimizer(model, OPTIM, 1e-3)
+
+
+def _step_ids(batch: int, seq_len: int) -> torch.Tensor:
+    return torch.randint(0, 8192, (batch, seq_len + 1), generator=torch.Generator().manual_seed(2))
+
+
 def training_step_times(
-    d_model: int, experts: list[int], batch: int, seq_len: int, repeats: int
-) -> dict[str, float]:
-    """Median seconds per full training step (forward, backward, clip, optimizer) of the
-    dense model and of PEER models, each PEER model timed interleaved with the dense one
-    and alone in memory (at N = 1024², d = 512 it holds 12 GiB of tables and moments)."""
-    ids = torch.randint(0, 8192, (batch, seq_len + 1), generator=torch.Generator().manual_seed(2))
-    dense = _trainable(model_config(d_model, None))
-    times: dict[str, list[float]] = {"dense": []}
+    d_model: int, experts: list[int], batch: int, seq_len: int, repeats: int, naive_max: int
+) -> dict[tuple[str, int | None], float]:
+    """Median seconds per full training step (forward, backward, clip, optimizer step) of
+    each kind, interleaved with the two dense models (alive throughout); one expert model
+    in memory at a time (at N = 1024², d = 512 PEER holds 12 GiB, the naive one 16)."""
+    ids = _step_ids(batch, seq_len)
+    dense = {k: step_model(k, d_model, 0) for k in ("dense", "dense_hk")}
+    times: dict[tuple[str, int | None], list[float]] = {(k, None): [] for k in dense}
     for n in experts:
-        name = f"peer N={n}"
-        runs = {"dense": dense, name: _trainable(model_config(d_model, n))}
-        times[name] = []
-        for rep in range(repeats + 1):
-            for key in runs if rep % 2 else list(runs)[::-1]:
-                seconds = _train_step(*runs[key], ids)
-                if rep:  # the first round warms up
-                    times[key].append(seconds)
-        del runs
+        for kind in ("peer", "naive") if n <= naive_max else ("peer",):
+            runs = {(k, None): m for k, m in dense.items()} | {
+                (kind, n): step_model(kind, d_model, n)
+            }
+            times[(kind, n)] = []
+            for rep in range(repeats + 1):
+                for key in runs if rep % 2 else list(runs)[::-1]:
+                    seconds = _train_step(*runs[key], ids)
+                    if rep:  # the first round warms up
+                        times[key].append(seconds)
+            del runs
+            gc.collect()  # the naive model's forward override is a reference cycle
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def _trainable(cfg: ModelConfig) -> tuple[TransformerLM, torch.optim.Optimizer]:
-    torch.manual_seed(0)
-    model = TransformerLM(cfg).train()
-    return model, build_optimizer(model, OPTIM, 1e-3)
+def step_peak_gib(kind: str, d_model: int, num_experts: int, batch: int, seq_len: int) -> float:
+    """Peak RSS of a fresh process that builds the step model and takes two steps."""
+    code = (
+        "from altup_cli.benchmark_ffn import _step_probe; "
+        f"_step_probe({kind!r}, {d_model}, {num_experts}, {batch}, {seq_len})"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_gib"]
+
+
+def _step_probe(kind: str, d_model: int, num_experts: int, batch: int, seq_len: int) -> None:
+    model, opt = step_model(kind, d_model, num_experts)
+    ids = _step_ids(batch, seq_len)
+    for _ in range(2):
+        _train_step(model, opt, ids)
+    print(json.dumps({"peak_gib": _vm_hwm() / 2**30}))
+
+
+def _vm_hwm() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def _train_step(model: TransformerLM, opt: torch.optim.Optimizer, ids: torch.Tensor) -> float:
@@ -177,9 +238,29 @@ def _train_step(model: TransformerLM, opt: torch.optim.Optimizer, ids: torch.Ten
     opt.zero_grad(set_to_none=True)
     logits = model(ids[:, :-1])
     F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
-    torch.nn.utils.clip_grad_norm_(dense_parameters(opt), 1.0)
+    clipped = dense_parameters(opt) if hasattr(opt, "_lazy_adam") else list(model.parameters())
+    torch.nn.utils.clip_grad_norm_(clipped, 1.0)
     opt.step()
     return time.perf_counter() - start
+
+
+def step_rows(
+    d_model: int, experts: list[int], batch: int, seq_len: int, repeats: int, naive_max: int
+) -> list[dict[str, Any]]:
+    times = training_step_times(d_model, experts, batch, seq_len, repeats, naive_max)
+    dense = times[("dense", None)]
+    rows = []
+    for (kind, n), seconds in times.items():
+        naive = times.get(("naive", n))
+        rows.append(
+            {
+                "d_model": d_model, "model": kind, "experts": n, "ms": seconds * 1e3,
+                "tps": batch * seq_len / seconds, "ratio": seconds / dense,
+                "vs_naive": naive / seconds if naive else None,
+                "step_peak_gib": step_peak_gib(kind, d_model, n or 0, batch, seq_len),
+            }
+        )  # fmt: skip
+    return rows
 
 
 def _target(row: dict[str, Any]) -> str:
@@ -227,23 +308,21 @@ def run_peer_benchmark(
         },
         rows,
     )
-    tokens_per_step = train_batch * train_seq
     for d in d_models:
-        times = training_step_times(d, experts, train_batch, train_seq, repeats)
-        step_rows = [
-            {"model": k, "ms": t * 1e3, "ratio": t / times["dense"], "tps": tokens_per_step / t}
-            for k, t in times.items()
-        ]
+        srows = step_rows(d, experts, train_batch, train_seq, repeats, naive_max_root**2)
         print_table(
-            f"Full training step, 4 layers, d={d}, PEER in layer 2, "
-            f"batch {train_batch}×{train_seq}",
+            f"Full training step (fwd, bwd, clip, optimizer), 4 layers, d={d}, layer {MIDDLE}'s "
+            f"FFN varied, batch {train_batch}×{train_seq}",
             {
-                "model": lambda r: r["model"],
+                "FFN in layer 2": lambda r: r["model"],
+                "N": lambda r: f"{r['experts']:,}" if r["experts"] else "-",
                 "ms/step": lambda r: f"{r['ms']:.0f}",
                 "tok/s": lambda r: f"{r['tps']:,.0f}",
-                "time / dense": lambda r: f"{r['ratio']:.2f}",
+                "× naive": lambda r: f"{r['vs_naive']:.2f}" if r["vs_naive"] else "-",
+                "time / dense 4d": lambda r: f"{r['ratio']:.2f}",
+                "peak RSS GiB": lambda r: f"{r['step_peak_gib']:.2f}",
             },
-            step_rows,
+            srows,
         )
-        rows += [{"d_model": d, **r} for r in step_rows]
+        rows += srows
     return rows

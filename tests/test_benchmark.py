@@ -55,7 +55,7 @@ def test_altup_suite_rows_compare_like_with_like() -> None:
 def test_peer_suite_rows_compare_like_with_like() -> None:
     """The PEER suite at a toy size: one row per (d, N, layer), dense layers once per d,
     the naive oracle only up to its limit, ratios taken against the right rows, and one
-    full-step row per N beside the dense model."""
+    full-step row per (kind, N) beside the two dense models."""
     from altup_cli.benchmark_ffn import run_peer_benchmark
 
     rows = run_peer_benchmark([64], [16, 32], 64, 1, 16, 2, 16)
@@ -67,8 +67,11 @@ def test_peer_suite_rows_compare_like_with_like() -> None:
     assert naive["vs_naive"] == 1.0 and layer_rows[1]["vs_dense_4d"] == 1.0
     assert layer_rows[-1]["vs_naive"] is None  # 32² is above naive_max: no oracle run
     assert all(r["peak_gib"] > 0 and r["tokens_per_s"] > 0 for r in layer_rows)
-    steps = {r["model"]: r for r in rows if "model" in r}
-    assert list(steps) == ["dense", "peer N=256", "peer N=1024"]
-    assert steps["dense"]["ratio"] == 1.0 and steps["peer N=1024"]["tps"] == pytest.approx(
-        32 / (steps["peer N=1024"]["ms"] / 1e3)
-    )
+    steps = {(r["model"], r["experts"]): r for r in rows if "model" in r}
+    assert list(steps) == [
+        ("dense", None), ("dense_hk", None), ("peer", 256), ("naive", 256), ("peer", 1024)
+    ]  # fmt: skip
+    assert steps[("dense", None)]["ratio"] == 1.0 and steps[("naive", 256)]["vs_naive"] == 1.0
+    assert steps[("peer", 1024)]["vs_naive"] is None
+    peer = steps[("peer", 1024)]
+    assert peer["tps"] == pytest.approx(32 / (peer["ms"] / 1e3)) and peer["step_peak_gib"] > 0
