@@ -81,17 +81,19 @@ def layer_times(
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def peak_rss_gib(kind: str, d_model: int, num_experts: int, tokens: int) -> float:
-    """Peak RSS of a fresh process that builds the layer and runs two steps (PEER's
-    factored table gradients are turned into rows as in `layer_step`)."""
-    code = (
-        "from altup_cli.benchmark_ffn import _rss_probe; "
-        f"_rss_probe({kind!r}, {d_model}, {num_experts}, {tokens})"
-    )
+def _fresh_process_peak(probe: str, *args: Any) -> float:
+    """Peak RSS (GiB) of a fresh Python process running `probe(*args)` from this module."""
+    code = f"from altup_cli.benchmark_ffn import {probe}; {probe}{args!r}"
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_gib"]
+
+
+def peak_rss_gib(kind: str, d_model: int, num_experts: int, tokens: int) -> float:
+    """Peak RSS of a fresh process that builds the layer and runs two steps (PEER's
+    factored table gradients are turned into rows as in `layer_step`)."""
+    return _fresh_process_peak("_rss_probe", kind, d_model, num_experts, tokens)
 
 
 def _rss_probe(kind: str, d_model: int, num_experts: int, tokens: int) -> None:
@@ -100,11 +102,7 @@ def _rss_probe(kind: str, d_model: int, num_experts: int, tokens: int) -> None:
     grad = torch.randn(tokens, d_model)
     for _ in range(2):
         layer_step(kind, module, x, grad)
-    peak = 0
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            peak = int(line.split()[1]) * 1024
-    print(json.dumps({"peak_gib": peak / 2**30}))
+    print(json.dumps({"peak_gib": _vm_hwm() / 2**30}))
 
 
 def layer_rows(
@@ -208,14 +206,7 @@ def training_step_times(
 
 def step_peak_gib(kind: str, d_model: int, num_experts: int, batch: int, seq_len: int) -> float:
     """Peak RSS of a fresh process that builds the step model and takes two steps."""
-    code = (
-        "from altup_cli.benchmark_ffn import _step_probe; "
-        f"_step_probe({kind!r}, {d_model}, {num_experts}, {batch}, {seq_len})"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_gib"]
+    return _fresh_process_peak("_step_probe", kind, d_model, num_experts, batch, seq_len)
 
 
 def _step_probe(kind: str, d_model: int, num_experts: int, batch: int, seq_len: int) -> None:
