@@ -7,3 +7,10 @@ keeps its traceback.
 
 class UserError(Exception):
     """Bad input: a clear one-line message, no traceback, exit code 2."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), for
+    turning a library's error into a one-line UserError."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -25,7 +25,7 @@ import torch
 from omegaconf import OmegaConf
 
 from altup_cli.console import console, say
-from altup_cli.errors import UserError
+from altup_cli.errors import UserError, first_line
 from altup_cli.glue.metrics import METRICS
 from altup_cli.glue.tasks import Split, Task, load_hf_task, load_tsv_task, parse_tasks
 from altup_cli.models.transformer import TransformerLM
@@ -129,9 +129,8 @@ def load_pretrained(checkpoint: str) -> tuple[TransformerLM, Any, int]:
 
     try:
         model, _ = load(checkpoint)
-    except (RuntimeError, KeyError, TypeError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{checkpoint}: not a loadable altup model ({first})") from None
+    except (RuntimeError, KeyError, TypeError, ValueError) as err:  # an export that does not fit
+        raise UserError(f"{checkpoint}: not a loadable altup model ({first_line(err)})") from None
     tokenizer = load_tokenizer(checkpoint)
     sep = tokenizer.token_to_id(EOS)
     if sep is None:

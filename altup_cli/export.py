@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_model
 
-from altup_cli.errors import UserError
+from altup_cli.errors import UserError, first_line
 from altup_cli.models.transformer import ModelConfig, TransformerLM
 
 EXPORT_FORMAT = "altup-export"
@@ -45,8 +45,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot read checkpoint {path}: {first}") from None
+        raise UserError(f"cannot read checkpoint {path}: {first_line(err)}") from None
     if not isinstance(ckpt, dict) or "altup" not in ckpt or "state_dict" not in ckpt:
         raise UserError(f"{path} is not an altup checkpoint (no altup metadata)")
     return ckpt
@@ -62,20 +61,27 @@ def _resolve(path: Path) -> Path:
     return path
 
 
-def load(path: str | Path) -> tuple[TransformerLM, ModelConfig]:
-    """Load a saved model (run dir, export dir, .safetensors or .ckpt) in eval mode."""
-    target = _resolve(Path(path).expanduser())
-    if target.suffix == ".ckpt":
-        ckpt = read_checkpoint(target)
-        config = ModelConfig.from_dict(ckpt["altup"]["model"])
-        model = TransformerLM(config)
+def model_from_checkpoint(ckpt: dict[str, Any], path: Path) -> TransformerLM:
+    """The model of a checkpoint read by `read_checkpoint` (a UserError if it does not fit)."""
+    try:
+        model = TransformerLM(ModelConfig.from_dict(ckpt["altup"]["model"]))
         state = {
             k.removeprefix("model."): v
             for k, v in ckpt["state_dict"].items()
             if k.startswith("model.")
         }
         model.load_state_dict(state)
-        return model.eval(), config
+    except (ValueError, TypeError, KeyError, RuntimeError) as err:
+        raise UserError(f"{path}: not a loadable altup model ({first_line(err)})") from None
+    return model
+
+
+def load(path: str | Path) -> tuple[TransformerLM, ModelConfig]:
+    """Load a saved model (run dir, export dir, .safetensors or .ckpt) in eval mode."""
+    target = _resolve(Path(path).expanduser())
+    if target.suffix == ".ckpt":
+        model = model_from_checkpoint(read_checkpoint(target), target)
+        return model.eval(), model.config
     config_file = target / "config.json"
     if not config_file.is_file():
         raise UserError(f"{path}: no altup export, run directory or checkpoint there")

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from altup_cli.console import console, say
 from altup_cli.errors import UserError
-from altup_cli.export import read_checkpoint, save_export
+from altup_cli.export import model_from_checkpoint, read_checkpoint, save_export
 from altup_cli.growth import GrowthOp, parse_op, plan, preset_ops
 from altup_cli.models.transformer import ModelConfig, TransformerLM
 from altup_cli.training.growth import grow_with_optimizer, max_logit_change, record_growth
@@ -35,21 +35,6 @@ def _checkpoint_path(source: str) -> Path:
     if not path.is_file():
         raise UserError(f"{source}: no checkpoint there (expected a .ckpt or a run directory)")
     return path
-
-
-def _load_model(ckpt: dict[str, Any], path: Path) -> TransformerLM:
-    try:
-        model = TransformerLM(ModelConfig.from_dict(ckpt["altup"]["model"]))
-        state = {
-            k.removeprefix("model."): v
-            for k, v in ckpt["state_dict"].items()
-            if k.startswith("model.")
-        }
-        model.load_state_dict(state)
-    except (ValueError, TypeError, KeyError, RuntimeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path}: not a loadable altup model ({first})") from None
-    return model
 
 
 def _ops(texts: list[str], to: str | None, cfg: ModelConfig) -> list[GrowthOp]:
@@ -107,7 +92,7 @@ def grow_checkpoint(
         raise UserError(f"-o {out}: exists and is not empty (nothing is overwritten)")
     path = _checkpoint_path(source)
     ckpt = read_checkpoint(path)
-    model = _load_model(ckpt, path)
+    model = model_from_checkpoint(ckpt, path)
     ops = _ops(op_texts, to, model.config)
     try:
         plan(model.config, ops, allow_inexact)
