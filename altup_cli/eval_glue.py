@@ -8,8 +8,8 @@ task, so an interrupted evaluation keeps what finished) and one W&B run.
 
 from __future__ import annotations
 
+import copy
 import json
-import logging
 import math
 import os
 import random
@@ -234,7 +234,7 @@ def eval_glue(
     for t in tasks:
         train, devs = data[t.name]
         report["tasks"][t.name] = finetune(
-            checkpoint, t, per_task[t.name], train, devs, tokenizer, sep, logger
+            model, t, per_task[t.name], train, devs, tokenizer, sep, logger
         )
         report.update(glue_scores(report["tasks"]))
         write_json(run_dir / "glue.json", report)
@@ -248,7 +248,7 @@ def eval_glue(
 
 
 def finetune(
-    checkpoint: str, task: Task, s: GlueSettings, train: Split, devs: list[Split],
+    pretrained: TransformerLM, task: Task, s: GlueSettings, train: Split, devs: list[Split],
     tokenizer: Any, sep: int, logger: Any,
 ) -> dict[str, Any]:  # fmt: skip
     """Fine-tune a fresh copy of the pretrained model on one task; its report entry."""
@@ -257,7 +257,7 @@ def finetune(
     from altup_cli.training.glue import GlueModule, encode, loader
 
     L.seed_everything(s.seed, workers=True, verbose=False)
-    model, _, _ = load_pretrained(checkpoint)
+    model = copy.deepcopy(pretrained)  # every task starts from the same weights
     train = subsample(train, s.max_train_examples, s.seed)
     steps = s.epochs * math.ceil(len(train.labels) / s.batch_size)
     settings = {f.name: getattr(s, f.name) for f in fields(GlueSettings)}
@@ -300,12 +300,10 @@ def _trainer(s: GlueSettings, task: Task, logger: Any, batches: int) -> Any:
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping, RichProgressBar
 
-    from altup_cli.training.run import _DropLightningTips, _quiet_expected_warnings
+    from altup_cli.training.run import _quiet_expected_warnings, drop_lightning_tips
 
     _quiet_expected_warnings()
-    rank_zero_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if not any(isinstance(f, _DropLightningTips) for f in rank_zero_log.filters):
-        rank_zero_log.addFilter(_DropLightningTips())
+    drop_lightning_tips()
     callbacks: list[L.Callback] = []
     if s.early_stopping:
         callbacks.append(EarlyStopping(f"glue/{task.name}/score", patience=s.patience, mode="max"))

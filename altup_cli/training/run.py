@@ -243,10 +243,14 @@ class _DropLightningTips(logging.Filter):
         return "Tip:" not in record.getMessage()
 
 
-def _setup_logging(run_dir: Path | None, rank: int) -> None:
+def drop_lightning_tips() -> None:
     rank_zero_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _DropLightningTips) for f in rank_zero_log.filters):
         rank_zero_log.addFilter(_DropLightningTips())
+
+
+def _setup_logging(run_dir: Path | None, rank: int) -> None:
+    drop_lightning_tips()
     logger = logging.getLogger("altup")
     logger.setLevel(logging.INFO)
     logger.propagate = False
