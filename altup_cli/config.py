@@ -8,6 +8,7 @@ values are caught before anything is created on disk.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -190,6 +191,36 @@ class Settings:
             raise UserError(str(err)) from None
 
 
+BYTES_PER_TRAINED_PARAMETER = 16  # fp32 weight, gradient and Adam's two moments
+
+
+def memory_bytes() -> int:
+    """The most memory a model can be trained in here: host RAM or the largest GPU."""
+    import os
+
+    import torch
+
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    gpus = [
+        torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())
+    ]
+    return max([host, *gpus])
+
+
+def require_fits(cfg: ModelConfig, where: str) -> None:
+    """Refuse a model whose weights, gradients and Adam state alone exceed this machine's
+    memory, before anything is allocated (a typo like d_model=1000000 asks for terabytes)."""
+    from altup_cli.models.counting import parameter_counts
+
+    params = parameter_counts(cfg)["total"]
+    need, have = params * BYTES_PER_TRAINED_PARAMETER, memory_bytes()
+    if need > have:
+        raise UserError(
+            f"{where}: the model has {params:,} parameters, which need {need / 2**30:,.1f} GiB "
+            f"for weights, gradients and Adam state; this machine has {have / 2**30:,.1f} GiB"
+        )
+
+
 def _check_type(value: Any, annotation: Any, where: str) -> Any:
     """Return `value` if it matches `annotation` (ints pass as floats), else raise UserError."""
     origin = typing.get_origin(annotation)
@@ -208,6 +239,8 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
             return [_check_type(v, typing.get_args(annotation)[0], where) for v in value]
     elif annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise UserError(f"{where}: expected a finite number, got {value!r}")
             return float(value)
     elif annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):

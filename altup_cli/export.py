@@ -7,10 +7,8 @@
 from __future__ import annotations
 
 import json
-import pickle
 import shutil
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from altup_cli.errors import UserError, first_line
+from altup_cli.files import atomic_path, write_json
 from altup_cli.models.transformer import ModelConfig, TransformerLM
 
 EXPORT_FORMAT = "altup-export"
@@ -27,11 +26,13 @@ def save_export(
     model: TransformerLM, out_dir: Path, tokenizer_path: Path | None = None, **extra: Any
 ) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(out_dir / "model.safetensors"))  # de-duplicates tied weights
+    with atomic_path(out_dir / "model.safetensors") as tmp:
+        save_model(model, str(tmp))  # de-duplicates tied weights
     meta = {"format": EXPORT_FORMAT, "version": 1, "model": model.config.to_dict(), **extra}
-    (out_dir / "config.json").write_text(json.dumps(meta, indent=2))
+    write_json(out_dir / "config.json", meta)
     if tokenizer_path is not None:
-        shutil.copyfile(tokenizer_path, out_dir / "tokenizer.json")
+        with atomic_path(out_dir / "tokenizer.json") as tmp:
+            shutil.copyfile(tokenizer_path, tmp)
     return out_dir
 
 
@@ -44,7 +45,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         with warnings.catch_warnings():  # torch's notes on refused pickles: we say it once
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+    except Exception as err:  # torch.load on a foreign file raises almost anything
         raise UserError(f"cannot read checkpoint {path}: {first_line(err)}") from None
     if not isinstance(ckpt, dict) or "altup" not in ckpt or "state_dict" not in ckpt:
         raise UserError(f"{path} is not an altup checkpoint (no altup metadata)")
