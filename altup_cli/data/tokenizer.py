@@ -5,11 +5,20 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from rich.markup import escape
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from altup_cli.console import console, say
+from altup_cli.data.cache import (
+    CorruptEntry,
+    check_file,
+    file_record,
+    read_record,
+    remove_stale_temps,
+)
 from altup_cli.data.corpora import Corpus, extract_gpt2_bpe
-from altup_cli.errors import UserError
+from altup_cli.errors import UserError, first_line
+from altup_cli.files import atomic_path, write_json
 
 EOS = "<|endoftext|>"
 
@@ -38,17 +47,44 @@ def trained_tokenizer(corpus: Corpus, vocab_size: int, min_frequency: int, cache
         )
     key = f"bpe-{corpus.fingerprint}-v{vocab_size}-m{min_frequency}"
     path = cache_dir / "tokenizers" / key / "tokenizer.json"
-    if path.exists():
+    if _usable(path):
         say(f"[dim]reusing cached tokenizer {key}[/dim]")
         return path
     with console.status(f"training byte-level BPE tokenizer (vocab {vocab_size}) …"):
         tokenizer = train_bpe(corpus.documents, vocab_size, min_frequency)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tokenizer.save(str(tmp))
-    tmp.replace(path)
+    _save(tokenizer, path)
     say(f"trained tokenizer {key} ({tokenizer.get_vocab_size()} tokens)")
     return path
+
+
+def _usable(path: Path) -> bool:
+    """Whether the cache entry holding `path` is there and intact (a corrupt one is
+    reported and will be rebuilt); meta.json beside it records its size and sha256."""
+    if not path.parent.is_dir():
+        return False
+    try:
+        check_file(path, read_record(path.parent / "meta.json"))
+        Tokenizer.from_file(str(path))
+    except CorruptEntry as err:
+        reason = str(err)
+    except Exception as err:  # tokenizers raises a bare Exception on bad JSON
+        reason = f"unreadable: {first_line(err)}"
+    else:
+        return True
+    say(escape(f"tokenizer cache {path.parent.name} is corrupt ({reason}); rebuilding"))
+    return False
+
+
+def _save(tokenizer: Tokenizer, path: Path) -> None:
+    """Write `path` and its meta.json atomically; the old meta.json goes first, so a kill
+    in between leaves an entry that fails its check."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (path.parent / "meta.json").unlink(missing_ok=True)
+    remove_stale_temps(path.parent)
+    with atomic_path(path) as tmp:
+        tokenizer.save(str(tmp))
+        record = file_record(tmp)
+    write_json(path.parent / "meta.json", record)
 
 
 def tokenizer_from_files(location: str, cache_dir: Path) -> Path:
@@ -76,13 +112,12 @@ def tokenizer_from_files(location: str, cache_dir: Path) -> Path:
         )
     digest = hashlib.sha256(found[0].read_bytes() + found[1].read_bytes()).hexdigest()[:16]
     out = cache_dir / "tokenizers" / f"files-{digest}" / "tokenizer.json"
-    if not out.exists():
+    if not _usable(out):
         tokenizer = Tokenizer(models.BPE.from_file(str(found[0]), str(found[1])))
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tokenizer.decoder = decoders.ByteLevel()
         tokenizer.add_special_tokens([EOS])
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(str(out))
+        _save(tokenizer, out)
     return out
 
 

@@ -9,18 +9,28 @@ is what makes resuming identical to an uninterrupted run.
 
 from __future__ import annotations
 
-import json
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from rich.markup import escape
 from tokenizers import Tokenizer
 from torch.utils.data import Dataset, Sampler
 
 from altup_cli.console import progress, say
-from altup_cli.data.corpora import Corpus, sha256_file
+from altup_cli.data.cache import (
+    CorruptEntry,
+    check_file,
+    count_field,
+    read_record,
+    remove_stale_temps,
+    sha256_file,
+)
+from altup_cli.data.corpora import Corpus
+from altup_cli.files import atomic_path, write_json
 
 
 @dataclass
@@ -39,44 +49,79 @@ class TokenStream:
 def tokenize_corpus(
     corpus: Corpus, tokenizer: Tokenizer, tokenizer_path: Path, eos_id: int, cache_dir: Path
 ) -> TokenStream:
-    """Tokenize every document once (cached), EOS after each, into a flat uint16/uint32 file."""
+    """Tokenize every document once (cached), EOS after each, into a flat uint16/uint32 file.
+
+    meta.json records the file's size and sha256, checked on every reuse (sha256 runs at
+    ~600 MB/s: 6 ms for Shakespeare's 2M tokens); an entry that fails is rebuilt."""
     key = f"{corpus.fingerprint}-{sha256_file(tokenizer_path)[:16]}"
     out_dir = cache_dir / "tokens" / key
-    meta_path = out_dir / "meta.json"
-    if meta_path.exists():
-        say(f"[dim]reusing cached tokens {key}[/dim]")
-        return _read_meta(meta_path)
     vocab_size = tokenizer.get_vocab_size()
-    dtype = "uint16" if vocab_size <= np.iinfo(np.uint16).max + 1 else "uint32"
+    if (out_dir / "meta.json").exists():
+        try:
+            stream = _read_cached(out_dir, vocab_size, eos_id)
+        except CorruptEntry as err:
+            say(escape(f"token cache {key} is corrupt ({err}); rebuilding"))
+        else:
+            say(f"[dim]reusing cached tokens {key}[/dim]")
+            return stream
+    return _build(corpus, tokenizer, eos_id, out_dir)
+
+
+def _dtype_for(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= np.iinfo(np.uint16).max + 1 else "uint32"
+
+
+def _build(corpus: Corpus, tokenizer: Tokenizer, eos_id: int, out_dir: Path) -> TokenStream:
+    vocab_size = tokenizer.get_vocab_size()
+    dtype = _dtype_for(vocab_size)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "meta.json").unlink(missing_ok=True)  # no valid-looking entry mid-rebuild
+    remove_stale_temps(out_dir)
     counts = np.zeros(vocab_size, dtype=np.int64)
+    digest = hashlib.sha256()
     n_tokens = 0
-    tmp = out_dir / "tokens.bin.tmp"
     batch = 64
-    with open(tmp, "wb") as f, progress() as bar:
+    with atomic_path(out_dir / "tokens.bin") as tmp, open(tmp, "wb") as f, progress() as bar:
         task = bar.add_task("tokenizing", total=len(corpus.documents))
         for start in range(0, len(corpus.documents), batch):
             docs = corpus.documents[start : start + batch]
             for enc in tokenizer.encode_batch(docs, add_special_tokens=False):
                 ids = np.asarray([*enc.ids, eos_id], dtype=dtype)
                 counts += np.bincount(ids, minlength=vocab_size)
-                ids.tofile(f)
+                f.write(ids.tobytes())
+                digest.update(ids.tobytes())
                 n_tokens += len(ids)
             bar.advance(task, len(docs))
-    tmp.replace(out_dir / "tokens.bin")
     p = counts[counts > 0] / n_tokens
     stream = TokenStream(
         out_dir / "tokens.bin", n_tokens, dtype, vocab_size, eos_id, float(-(p * np.log(p)).sum())
     )
     meta = {k: v for k, v in stream.__dict__.items() if k != "path"}
-    meta_path.write_text(json.dumps(meta, indent=2))
+    meta |= {"bytes": n_tokens * np.dtype(dtype).itemsize, "sha256": digest.hexdigest()}
+    write_json(out_dir / "meta.json", meta)
     say(f"tokenized {len(corpus.documents)} documents into {n_tokens:,} tokens")
     return stream
 
 
-def _read_meta(meta_path: Path) -> TokenStream:
-    meta = json.loads(meta_path.read_text())
-    return TokenStream(path=meta_path.parent / "tokens.bin", **meta)
+def _read_cached(out_dir: Path, vocab_size: int, eos_id: int) -> TokenStream:
+    """The cached stream, checked against the tokenizer and its recorded size and sha256."""
+    meta = read_record(out_dir / "meta.json")
+    if "sha256" not in meta:
+        raise CorruptEntry("no checksum recorded")
+    n_tokens = count_field(meta, "n_tokens")
+    for key, expected in (("dtype", _dtype_for(vocab_size)), ("vocab_size", vocab_size)):
+        if meta.get(key) != expected or isinstance(meta.get(key), bool):
+            raise CorruptEntry(f"{key} is {meta.get(key)!r}, the tokenizer's is {expected!r}")
+    if meta.get("eos_id") != eos_id or isinstance(meta.get("eos_id"), bool):
+        raise CorruptEntry(f"eos_id is {meta.get('eos_id')!r}, the tokenizer's is {eos_id}")
+    entropy = meta.get("unigram_entropy")
+    if not isinstance(entropy, float) or not 0 <= entropy < float("inf"):
+        raise CorruptEntry(f"unigram_entropy is {entropy!r}")
+    dtype = meta["dtype"]
+    if meta.get("bytes") != n_tokens * np.dtype(dtype).itemsize:
+        raise CorruptEntry(f"{n_tokens} tokens of {dtype} do not make {meta.get('bytes')!r} bytes")
+    check_file(out_dir / "tokens.bin", meta)
+    return TokenStream(out_dir / "tokens.bin", n_tokens, dtype, vocab_size, eos_id, entropy)
 
 
 class PackedSequences(Dataset):
