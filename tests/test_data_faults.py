@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import random
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -116,6 +117,7 @@ TOKEN_CORRUPTIONS: dict[str, Callable[[Path], None]] = {
     "dtype missing": _meta_edit(_without("dtype")),
     "n_tokens a string": _meta_edit(_with("n_tokens", "many")),
     "n_tokens a bool": _meta_edit(_with("n_tokens", True)),
+    "n_tokens null": _meta_edit(_with("n_tokens", None)),
     "n_tokens negative": _meta_edit(_with("n_tokens", -5)),
     "n_tokens too large": _meta_edit(lambda m: {**m, "n_tokens": m["n_tokens"] + 1}),
     "dtype unknown": _meta_edit(_with("dtype", "float64")),
@@ -161,8 +163,9 @@ TOKENIZER_CORRUPTIONS: dict[str, Callable[[Path], None]] = {
     "truncated": lambda p: p.write_bytes(p.read_bytes()[:100]),
     "zero-filled": lambda p: p.write_bytes(bytes(p.stat().st_size)),
     "empty": lambda p: p.write_bytes(b""),
-    "valid JSON, other vocabulary": lambda p: p.write_text(
-        p.read_text().replace('"a": ', '"á": ', 1)
+    # Parses and loads, but tokenizes differently: only the checksum can tell.
+    "valid JSON, other settings": lambda p: p.write_text(
+        p.read_text().replace('"add_prefix_space": false', '"add_prefix_space": true', 1)
     ),
     "missing": lambda p: p.unlink(),
     "checksum missing": lambda p: (p.parent / "meta.json").unlink(),
@@ -186,7 +189,7 @@ def test_a_corrupt_trained_tokenizer_is_retrained(
     assert temp_leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("fault", ["truncated", "valid JSON, other vocabulary", "checksum missing"])
+@pytest.mark.parametrize("fault", ["truncated", "valid JSON, other settings", "checksum missing"])
 def test_a_corrupt_tokenizer_built_from_files_is_rebuilt(
     fault: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -335,27 +338,69 @@ def _run_child(corpus_path: Path, cache: Path, kill_after: float | None) -> floa
     return time.monotonic() - start
 
 
-def test_kill_9_of_data_preparation_then_rerun_is_identical(tmp_path: Path) -> None:
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
+@pytest.fixture(scope="module")
+def big_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    corpus = tmp_path_factory.mktemp("big_corpus")
     paragraphs = make_prose(1000, seed=7)  # under 1 s to prepare
     for i in range(6):
         (corpus / f"part{i}.txt").write_text("\n\n".join(paragraphs[i::6]) + "\n")
+    return corpus
+
+
+def test_kill_9_of_data_preparation_then_rerun_is_identical(
+    big_corpus: Path, tmp_path: Path
+) -> None:
     reference = tmp_path / "reference"
-    duration = _run_child(corpus, reference, kill_after=None)
+    duration = _run_child(big_corpus, reference, kill_after=None)
     expected = files_of(reference)
     assert any(name.endswith("tokens.bin") for name in expected)
     rng = random.Random(13)
     n = 4
     for i in range(n):
         cache = tmp_path / f"killed{i}"
-        _run_child(corpus, cache, kill_after=duration * (0.1 + 0.9 * (i + rng.random()) / n))
-        left = files_of(cache) if cache.exists() else {}
-        # Whatever a killed writer left under a final name is complete.
-        assert all(expected[k] == v for k, v in left.items() if k in expected)
-        prepare(corpus, cache)
-        assert files_of(cache) == expected
-        assert temp_leftovers(cache) == []
+        _run_child(big_corpus, cache, kill_after=duration * (0.1 + 0.9 * (i + rng.random()) / n))
+        _check_rerun(big_corpus, cache, expected)
+
+
+def _check_rerun(corpus: Path, cache: Path, expected: dict[str, bytes]) -> None:
+    left = files_of(cache) if cache.exists() else {}
+    # Whatever a killed writer left under a final name is complete.
+    assert all(expected[k] == v for k, v in left.items() if k in expected)
+    prepare(corpus, cache)
+    assert files_of(cache) == expected
+    assert temp_leftovers(cache) == []
+
+
+def _prepare_until_file_limit(corpus: Path, cache: Path, max_file_bytes: int) -> None:
+    """Prepare, dying (SIGXFSZ, which Python ignores by default) the moment any file
+    write would take a file past `max_file_bytes`."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)  # pytest may capture to a file, which the limit would also hit
+    os.dup2(devnull, 2)
+    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+    prepare(corpus, cache)
+
+
+@pytest.mark.parametrize("victim", ["tokenizer.json", "tokens.bin"])
+def test_death_in_the_middle_of_a_write_then_rerun_is_identical(
+    victim: str, big_corpus: Path, tmp_path: Path
+) -> None:
+    """A deterministic kill -9 at a byte offset: half-way through writing `victim`."""
+    reference = tmp_path / "reference"
+    prepare(big_corpus, reference)
+    expected = files_of(reference)
+    sizes = {Path(k).name: len(v) for k, v in expected.items()}
+    assert sizes["tokens.bin"] // 2 > sizes["tokenizer.json"]  # written first, kept whole
+    cache = tmp_path / "killed"
+    child = multiprocessing.get_context("fork").Process(
+        target=_prepare_until_file_limit, args=(big_corpus, cache, sizes[victim] // 2)
+    )
+    child.start()
+    child.join()
+    assert child.exitcode == -signal.SIGXFSZ
+    assert temp_leftovers(cache) != []  # it died mid-write
+    _check_rerun(big_corpus, cache, expected)
 
 
 # ---------------------------------------------------------------- text encodings
