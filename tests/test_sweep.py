@@ -5,6 +5,7 @@ local executor runs points, and bad input starts nothing."""
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
@@ -165,6 +166,8 @@ def test_submitit_local_executor_runs_points(
     [
         (["--budgets", "3e8,1e8"], "strictly increasing"),
         (["--budgets", "-1"], "positive"),
+        (["--budgets", "2e11,inf"], "finite"),
+        (["--budgets", "2e11,nan"], "finite"),
         (["--budgets", "3e8", "--sizes", "huge"], "unknown size"),
         (["--budgets", "3e8", "--arch", "rnn"], "unknown arch"),
         (["--budgets", "10"], "too small for one step"),
@@ -184,3 +187,278 @@ def test_bad_sweeps_start_nothing(
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in result.stderr
     assert not sweep.exists()
+
+
+# ── reliability: the results table, re-runs, keys, locking, children ──────────────────────
+
+ONE_BUDGET = ["--budgets", "3e8", "--sizes", SIZES, "--arch", "dense", "--min-steps", "5"]
+FAST = ["--executor", "inprocess", "--samples", "20"]
+
+
+def fake_metrics(overrides: list[str], run_dir: str) -> dict:
+    """What a finished point reports, without training: a loss that depends on the point."""
+    steps = next(int(o.split("=")[1]) for o in overrides if o.startswith("trainer.max_steps="))
+    width = sum(int(c) for c in Path(run_dir).name if c.isdigit())
+    return {"steps": steps, "tokens_seen": steps * 128, "val_loss": 3 + (width % 7) / 10,
+            "train_loss": 3.0, "tokens_per_second": 1.0, "wall_seconds": 1.0}  # fmt: skip
+
+
+@pytest.fixture
+def fake_training(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Points "train" instantly; the list records each trained point's key."""
+    from altup_cli.sweep import execute
+
+    trained: list[str] = []
+
+    def train_point(overrides: list[str], recipe: str | None, run_dir: str) -> dict:
+        trained.append(Path(run_dir).name)
+        return fake_metrics(overrides, run_dir)
+
+    monkeypatch.setattr(execute, "train_point", train_point)
+    return trained
+
+
+def tree(root: Path) -> dict[str, bytes | None]:
+    """Every path under `root` with its contents (None for directories)."""
+    return {
+        str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None)
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def _errors(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.parametrize("damage", ["truncated last row", "row cut inside its key"])
+def test_a_damaged_results_table_is_detected_and_its_points_rerun(
+    altup, corpus_dir: Path, cache_dir: Path, tmp_path: Path, fake_training: list[str],
+    damage: str,
+) -> None:  # fmt: skip
+    args = sweep_args(corpus_dir, cache_dir, tmp_path / "out")
+    sweep = tmp_path / "sweep"
+    assert altup("sweep", "isoflop", *args, *ONE_BUDGET, *FAST, "--dir", str(sweep)).code == 0
+    good = (sweep / "results.csv").read_text()
+    lines = good.splitlines(keepends=True)
+    if damage == "truncated last row":
+        cut = [*lines[:-1], lines[-1][: len(lines[-1]) // 2]]  # its last columns are gone
+        victims = [lines[-1].split(",")[0]]
+    else:
+        cut = [lines[0], lines[1][:4] + "\n", *lines[2:]]  # the key's first characters only
+        victims = [lines[1].split(",")[0]]
+    (sweep / "results.csv").write_text("".join(cut))
+    fake_training.clear()
+    again = altup("sweep", "isoflop", *args, *ONE_BUDGET, *FAST, "--dir", str(sweep))
+    assert again.code == 0, again.stderr
+    assert fake_training == victims  # only the damaged point is re-run
+    assert sum("damaged row" in line for line in again.stderr.splitlines()) == 1, again.stderr
+    timing = ("tokens_per_second", "wall_seconds")
+    strip = [{k: v for k, v in r.items() if k not in timing} for r in _table(sweep)]
+    (tmp_path / "good.csv").write_text(good)
+    with (tmp_path / "good.csv").open() as handle:
+        expected = [{k: v for k, v in r.items() if k not in timing} for r in csv.DictReader(handle)]
+    assert strip == expected
+
+
+def test_a_sweep_with_failed_points_exits_1_naming_them(
+    altup, corpus_dir: Path, cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from altup_cli.sweep import execute
+
+    def train_point(overrides: list[str], recipe: str | None, run_dir: str) -> dict:
+        if Path(run_dir).name.endswith("d24x1"):
+            raise RuntimeError("out of memory")
+        return fake_metrics(overrides, run_dir)
+
+    monkeypatch.setattr(execute, "train_point", train_point)
+    args = sweep_args(corpus_dir, cache_dir, tmp_path / "out")
+    sweep = tmp_path / "sweep"
+    result = altup("sweep", "isoflop", *args, *ONE_BUDGET, *FAST, "--dir", str(sweep))
+    assert result.code == 1, result.stderr
+    errors = _errors(result.stderr)
+    assert len(errors) == 1 and "3e08_dense_d24x1" in errors[0] and "1 of 3" in errors[0]
+    assert "Traceback" not in result.stderr
+    assert sorted(r["size"] for r in _table(sweep)) == ["d16x1", "d32x2"]
+
+
+def test_a_rerun_with_other_shared_overrides_is_refused_and_changes_nothing(
+    altup, corpus_dir: Path, cache_dir: Path, tmp_path: Path, fake_training: list[str]
+) -> None:
+    """Points are keyed by (budget, arch, size) within one shared config: a re-run with a
+    different one names the differing keys and touches nothing; one that only adds a
+    budget (or changes where outputs go) extends the sweep and keeps every earlier point."""
+    args = sweep_args(corpus_dir, cache_dir, tmp_path / "out")
+    sweep = tmp_path / "sweep"
+    assert altup("sweep", "isoflop", *args, *ONE_BUDGET, *FAST, "--dir", str(sweep)).code == 0
+    before = tree(sweep)
+    fake_training.clear()
+    other = altup("sweep", "isoflop", *args, "optim.lr=1e-2", *ONE_BUDGET, *FAST,
+                  "--dir", str(sweep))  # fmt: skip
+    assert other.code == 2 and "Traceback" not in other.stderr
+    errors = _errors(other.stderr)
+    assert len(errors) == 1 and "optim.lr" in errors[0], other.stderr
+    assert tree(sweep) == before and fake_training == []
+
+    moved = [a for a in args if not a.startswith("run.output_dir=")]
+    moved.append(f"run.output_dir={tmp_path / 'elsewhere'}")
+    more = ["--budgets", "3e8,6e8", *ONE_BUDGET[2:]]
+    extended = altup("sweep", "isoflop", *moved, *more, *FAST, "--dir", str(sweep))
+    assert extended.code == 0, extended.stderr
+    assert sorted(fake_training) == sorted(f"6e08_dense_{s}" for s in SIZES.split(","))
+    assert len(_table(sweep)) == 6
+    fake_training.clear()
+    fewer = altup("sweep", "isoflop", *args, *ONE_BUDGET, *FAST, "--dir", str(sweep))
+    assert fewer.code == 0 and fake_training == [] and len(_table(sweep)) == 6
+    import json
+
+    planned = {p["key"] for p in json.loads((sweep / "plan.json").read_text())["points"]}
+    assert planned == {r["key"] for r in _table(sweep)}  # the plan keeps every point
+
+
+def test_budgets_that_agree_to_three_digits_keep_both_results(
+    altup, corpus_dir: Path, cache_dir: Path, tmp_path: Path, fake_training: list[str]
+) -> None:
+    from altup_cli.sweep.plan import point_key
+
+    assert point_key(3e8, "dense", "d16x1") == "3e08_dense_d16x1"  # old sweeps still resume
+    args = sweep_args(corpus_dir, cache_dir, tmp_path / "out")
+    sweep = tmp_path / "sweep"
+    options = ["--budgets", "3e8,3.0001e8", "--sizes", "d16x1", "--arch", "dense"]
+    result = altup("sweep", "isoflop", *args, *options, "--min-steps", "5", *FAST,
+                   "--dir", str(sweep))  # fmt: skip
+    assert result.code == 0, result.stderr
+    rows = _table(sweep)
+    assert sorted(float(r["budget"]) for r in rows) == [3e8, 3.0001e8]
+    assert len({r["key"] for r in rows}) == 2 and len(set(fake_training)) == 2
+
+
+def test_a_second_sweep_on_the_same_directory_refuses(
+    altup, corpus_dir: Path, cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While one sweep trains, the same sweep started again on its directory refuses with
+    one line and writes nothing; the first trains every point exactly once."""
+    import sys
+
+    from altup_cli import cli
+    from altup_cli.sweep import execute
+
+    args = sweep_args(corpus_dir, cache_dir, tmp_path / "out")
+    sweep = tmp_path / "sweep"
+    argv = ["altup", "sweep", "isoflop", *args, *ONE_BUDGET, *FAST, "--dir", str(sweep)]
+    trained: list[str] = []
+    second: dict = {}
+
+    def train_point(overrides: list[str], recipe: str | None, run_dir: str) -> dict:
+        trained.append(Path(run_dir).name)
+        if not second:
+            second["before"] = tree(sweep)
+            monkeypatch.setattr(sys, "argv", argv)
+            try:
+                cli.main()
+                second["code"] = 0
+            except SystemExit as exit_:
+                second["code"] = exit_.code
+            second["after"] = tree(sweep)
+        return fake_metrics(overrides, run_dir)
+
+    monkeypatch.setattr(execute, "train_point", train_point)
+    result = altup(*argv[1:])
+    assert result.code == 0, result.stderr
+    assert second["code"] == 2 and second["before"] == second["after"]
+    errors = _errors(result.stderr)
+    assert len(errors) == 1 and "another sweep" in errors[0], result.stderr
+    assert sorted(trained) == sorted(f"3e08_dense_{s}" for s in SIZES.split(","))
+    assert len(_table(sweep)) == 3
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:  # a zombie (dead, not yet reaped by whoever adopted it) counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait(condition, seconds: float) -> bool:  # type: ignore[no-untyped-def]
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return condition()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs Linux /proc")
+def test_killing_a_sweep_kills_the_point_it_is_training(
+    corpus_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    """SIGKILL the sweep (subprocess executor) while a point trains: the child training
+    that point dies too instead of training on as an orphan."""
+    import signal
+    import subprocess
+    import sys
+
+    args = sweep_args(corpus_dir, cache_dir, tmp_path / "out")
+    sweep = tmp_path / "sweep"
+    options = ["--budgets", "1e12", "--sizes", "d16x1", "--arch", "dense", "--run-flagged"]
+    code = "import sys; from altup_cli import cli; sys.argv[0] = 'altup'; cli.main()"
+    with (tmp_path / "parent.log").open("w") as log:
+        parent = subprocess.Popen(
+            [sys.executable, "-c", code, "sweep", "isoflop", *args, *options,
+             "--executor", "subprocess", "--dir", str(sweep)],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    child = None
+    try:
+        started = _wait(lambda: bool(_children(parent.pid)), 120)
+        assert started, (tmp_path / "parent.log").read_text()
+        child = _children(parent.pid)[0]
+        assert _wait(lambda: bool(list(sweep.glob("points/*/run.json"))), 120)  # training
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        assert _wait(lambda: not _alive(child), 10), f"child {child} outlived its sweep"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        if child is not None and _alive(child):
+            os.kill(child, signal.SIGKILL)
+
+
+def test_a_sweep_directory_that_is_a_file_is_refused(
+    altup, corpus_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    args = sweep_args(corpus_dir, cache_dir, tmp_path / "out")
+    target = tmp_path / "not_a_dir"
+    target.write_text("hello")
+    before = tree(tmp_path)
+    result = altup("sweep", "isoflop", *args, *ONE_BUDGET, *FAST, "--dir", str(target))
+    assert result.code == 2 and "Traceback" not in result.stderr
+    assert len(_errors(result.stderr)) == 1 and "not a directory" in result.stderr
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("content", [bytes(range(256)) * 4, b"\x00\x01garbage\n\xff\xfe"])
+def test_analyze_refuses_an_unreadable_results_table(
+    altup, tmp_path: Path, content: bytes
+) -> None:
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "results.csv").write_bytes(content)
+    before = tree(tmp_path)
+    result = altup("sweep", "analyze", str(sweep))
+    assert result.code == 2 and "Traceback" not in result.stderr, result.stderr
+    assert len(_errors(result.stderr)) == 1 and "results.csv" in _errors(result.stderr)[0]
+    assert tree(tmp_path) == before

@@ -5,13 +5,14 @@ confidence intervals; PNG plots and a summary, for total and active parameters."
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from altup_cli.files import atomic_path
 
 # Total parameters (Chinchilla's axis) and the non-embedding parameters a token actually
 # uses (`counting.active_parameters`: active experts only, Kaplan's axis for dense models).
@@ -159,7 +160,7 @@ def plot(rows: list[dict[str, Any]], fits: dict[str, Any], out_dir: Path) -> lis
             ax.legend(fontsize=8)
             path = out_dir / f"isoflop_{arch}_{axis}.png"
             fig.tight_layout()
-            fig.savefig(path, dpi=120)
+            _savefig(fig, path)
             plt.close(fig)
             paths.append(path)
         entry = by_axis["params"]
@@ -186,7 +187,7 @@ def _scaling_plot(arch: str, entry: dict[str, Any], out_dir: Path, plt: Any) -> 
     fig.suptitle(f"compute-optimal scaling: {arch}")
     fig.tight_layout()
     path = out_dir / f"scaling_{arch}.png"
-    fig.savefig(path, dpi=120)
+    _savefig(fig, path)
     plt.close(fig)
     return path
 
@@ -212,5 +213,6 @@ def _exponent(entry: dict[str, Any], name: str) -> str:
     return f"{entry[name]:.2f} [{low:.2f}, {high:.2f}]"
 
 
-def save(fits: dict[str, Any], path: Path) -> None:
-    path.write_text(json.dumps(fits, indent=2))
+def _savefig(fig: Any, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)

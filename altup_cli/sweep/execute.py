@@ -47,22 +47,32 @@ def train_point(overrides: list[str], recipe: str | None, run_dir: str) -> dict[
     return json.loads(metrics.read_text())
 
 
+# A point's child process: first it asks Linux to SIGTERM it when the sweep dies
+# (PR_SET_PDEATHSIG = 1), so a killed sweep leaves no orphan training on; the getppid
+# check covers a sweep that died before that. Then it trains the point.
+_CHILD = """
+import ctypes, json, os, signal, sys
+if sys.platform == "linux":
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+if os.getppid() != int(sys.argv[2]):
+    sys.exit("the sweep that started this point is gone")
+from altup_cli.sweep.execute import train_point
+train_point(*json.loads(sys.argv[1]))
+"""
+
+
 def _in_subprocess(
     overrides: list[str], recipe: str | None, run_dir: str, threads: int | None
 ) -> dict[str, Any]:
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    args = json.dumps([overrides, recipe, run_dir])
-    code = (
-        "import json, sys; from altup_cli.sweep.execute import train_point; "
-        "train_point(*json.loads(sys.argv[1]))"
-    )
+    args = [json.dumps([overrides, recipe, run_dir]), str(os.getpid())]
     log = Path(run_dir).parent / f"{Path(run_dir).name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a") as handle:
         done = subprocess.run(
-            [sys.executable, "-c", code, args], env=env, stdout=handle, stderr=subprocess.STDOUT
+            [sys.executable, "-c", _CHILD, *args], env=env, stdout=handle, stderr=subprocess.STDOUT
         )
     if done.returncode != 0:
         raise RuntimeError(f"exit code {done.returncode}; see {log}")

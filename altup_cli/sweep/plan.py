@@ -11,6 +11,7 @@ embeddings and attention included (Chinchilla's), active experts only for sparse
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -52,7 +53,7 @@ class SweepPoint:
 
     @property
     def key(self) -> str:
-        return f"{self.budget:.3g}_{self.arch}_{self.size}".replace("+", "")
+        return point_key(self.budget, self.arch, self.size)
 
     @property
     def tokens(self) -> int:
@@ -64,6 +65,14 @@ class SweepPoint:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "key": self.key, "tokens": self.tokens, "flops": self.flops}
+
+
+def point_key(budget: float, arch: str, size: str) -> str:
+    """`3e08_dense_d16x1`: the budget to 3 significant digits, or as many more as tell it
+    apart from every other float (2e11 and 2.0001e11 get distinct keys, and a budget of
+    up to 3 digits keeps the key older sweeps gave it)."""
+    digits = next(p for p in range(3, 18) if float(f"{budget:.{p}g}") == budget)
+    return f"{budget:.{digits}g}_{arch}_{size}".replace("+", "")
 
 
 def size_overrides(size: str) -> list[str]:
@@ -90,6 +99,8 @@ def parse_budgets(text: str) -> list[float]:
         budgets = [float(b) for b in text.split(",") if b.strip()]
     except ValueError:
         raise UserError(f"--budgets must be comma-separated numbers, got {text!r}") from None
+    if not all(math.isfinite(b) for b in budgets):
+        raise UserError(f"--budgets must be finite numbers, got {text!r}")
     if not budgets or min(budgets) <= 0:
         raise UserError(f"--budgets must be positive FLOP counts, got {text!r}")
     if any(b >= c for b, c in itertools.pairwise(budgets)):
