@@ -211,8 +211,8 @@ def sweep_isoflop(
     timeout_min: int = typer.Option(60, help="Job time limit in minutes (submitit)."),
     samples: int = typer.Option(1000, help="Bootstrap resamples for exponent intervals."),
 ) -> None:
-    """Run an isoFLOP sweep."""
-    from altup_cli.sweep import isoflop
+    """Run an isoFLOP sweep (exit code 1 if some points failed)."""
+    from altup_cli.sweep import PointsFailed, isoflop
     from altup_cli.sweep.plan import recipe_axes
 
     defaults = recipe_axes(list(overrides or []), recipe)
@@ -220,14 +220,18 @@ def sweep_isoflop(
     for key, value in chosen.items():
         if value is None and defaults.get(key) is None:
             raise UserError(f"--{key} is required (or a recipe with sweep.{key})")
-    isoflop(
-        list(overrides or []), recipe, budgets or defaults["budgets"],
-        arch or defaults["arch"], sizes or defaults["sizes"], executor, jobs, dry_run,
-        min_steps or int(defaults.get("min_steps") or 20), run_flagged, directory,
-        {"partition": partition, "gpus_per_node": gpus_per_node,
-         "cpus_per_task": cpus_per_task, "timeout_min": timeout_min},
-        samples,
-    )  # fmt: skip
+    try:
+        isoflop(
+            list(overrides or []), recipe, budgets or defaults["budgets"],
+            arch or defaults["arch"], sizes or defaults["sizes"], executor, jobs, dry_run,
+            min_steps or int(defaults.get("min_steps") or 20), run_flagged, directory,
+            {"partition": partition, "gpus_per_node": gpus_per_node,
+             "cpus_per_task": cpus_per_task, "timeout_min": timeout_min},
+            samples,
+        )  # fmt: skip
+    except PointsFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise typer.Exit(1) from None
 
 
 @sweep_app.command("analyze")
