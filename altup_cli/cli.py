@@ -68,22 +68,23 @@ def train(
     from omegaconf import OmegaConf
 
     from altup_cli.config import compose_config, validate
-    from altup_cli.training import run
+    from altup_cli.console import say
+    from altup_cli.training import run, rundir
 
     overrides = list(overrides or [])
     cfg = compose_config(overrides, recipe)
     ckpt: Path | None = None
     if resume:
         s = validate(cfg)
-        ckpt = run.find_resume_checkpoint(resume, s)
+        ckpt = rundir.find_resume_checkpoint(resume, s)
         if ckpt is None:
-            run.say(f"--resume auto: no earlier run named {s.run.name!r}; starting a new one")
+            say(f"--resume auto: no earlier run named {s.run.name!r}; starting a new one")
         else:
             cfg = run.resumed_config(ckpt, overrides, cfg)
     settings = validate(cfg)
     if dry_run:
         print(OmegaConf.to_yaml(cfg), end="")
-        target = ckpt.parent.parent if ckpt is not None else run.new_run_dir(settings)
+        target = ckpt.parent.parent if ckpt is not None else rundir.planned_run_dir(settings)
         print(f"# run directory: {target}")
         return
     run.train(cfg, settings, overrides, ckpt, argv=sys.argv)
@@ -399,7 +400,7 @@ def main() -> None:
         app()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(err, "exit_code", 2))
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ values are caught before anything is created on disk.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -139,6 +141,7 @@ class TrainerSettings:
     val_check_interval: int
     limit_val_batches: int
     log_every_n_steps: int
+    divergence_patience: int = 0  # non-finite training losses tolerated in a row
 
 
 @dataclass
@@ -410,8 +413,52 @@ def _check_growth(s: Settings) -> None:
     growth_events(s, s.model_config(vocab_size=s.model.get("vocab_size") or 257))
 
 
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=,-]{0,99}")
+
+
+def _lightning_choices() -> tuple[set[str], set[str]]:
+    """The strategy and precision names this Lightning accepts (plus our `auto`)."""
+    import typing as t
+
+    from lightning.pytorch.strategies import StrategyRegistry
+    from lightning.pytorch.trainer.connectors.accelerator_connector import _PRECISION_INPUT
+
+    precisions = {str(v) for lit in t.get_args(_PRECISION_INPUT) for v in t.get_args(lit)}
+    return {"auto", *StrategyRegistry.available_strategies()}, {"auto", *precisions}
+
+
+def _check_paths(s: Settings) -> None:
+    _require(
+        RUN_NAME.fullmatch(s.run.name) is not None,
+        f"run.name must be 1-100 letters, digits and ._+=,- (starting with a letter or "
+        f"digit; no path separators), got {s.run.name!r}",
+    )
+    for key in ("output_dir", "cache_dir"):
+        path = Path(getattr(s.run, key)).expanduser()
+        blocked = next((p for p in (path, *path.parents) if p.exists()), None)
+        _require(
+            blocked is None or blocked.is_dir(),
+            f"run.{key}={getattr(s.run, key)!r}: {blocked} is a file, not a directory",
+        )
+
+
 def _check_values(s: Settings) -> None:
     t, d, o = s.trainer, s.data, s.optim
+    _check_paths(s)
+    strategies, precisions = _lightning_choices()
+    _require(
+        str(t.strategy) in strategies,
+        f"trainer.strategy must be one of {', '.join(sorted(strategies))}, got {t.strategy!r}",
+    )
+    _require(
+        str(t.precision) in precisions,
+        f"trainer.precision must be one of {', '.join(sorted(precisions))}, got {t.precision!r}",
+    )
+    _require(t.divergence_patience >= 0, "trainer.divergence_patience must be >= 0")
+    try:
+        codecs.lookup(d.encoding)
+    except LookupError:
+        raise UserError(f"data.encoding: unknown encoding {d.encoding!r}") from None
     _require(t.max_steps > 0, f"trainer.max_steps must be positive, got {t.max_steps}")
     _require(t.accumulate_grad_batches > 0, "trainer.accumulate_grad_batches must be positive")
     _require(t.val_check_interval > 0, "trainer.val_check_interval must be positive")
@@ -487,5 +534,5 @@ def _check_values(s: Settings) -> None:
         f"ffn={s.ffn.kind} does not support trainer.strategy={t.strategy} (its expert tables "
         "keep factored gradients that DDP supports and FSDP does not); use trainer=ddp",
     )
-    # The model's own invariants (heads dividing the width, even head dim, …).
-    s.model_config(vocab_size=s.model.get("vocab_size") or 257)
+    # The model's own invariants (heads dividing the width, even head dim, …) and its size.
+    require_fits(s.model_config(vocab_size=s.model.get("vocab_size") or 257), "model")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
 import lightning as L
 import torch
 
+from altup_cli.errors import UserError
 from altup_cli.models.product_keys import ExpertUsage
 
 log = logging.getLogger("altup")
@@ -76,13 +78,67 @@ class ValidateAtEnd(L.Callback):
             trainer.should_stop = True
 
 
+class Diverged(UserError):
+    """Training produced a non-finite loss: the run stops, marked `diverged`."""
+
+    exit_code = 3
+
+    def __init__(self, step: int, what: str, value: float, last_good: str | None) -> None:
+        self.step, self.what, self.value, self.last_good = step, what, value, last_good
+        kept = f"; last finite checkpoint: {last_good}" if last_good else "; no checkpoint kept"
+        super().__init__(f"training diverged at step {step} ({what} = {value}){kept}")
+
+    def record(self) -> dict[str, Any]:
+        return {"diverged_at_step": self.step, "last_finite_checkpoint": self.last_good}
+
+
+class DivergenceGuard(L.Callback):
+    """Stop on a non-finite loss: after `patience` + 1 consecutive non-finite training
+    losses, or at once on a non-finite validation loss. It raises rather than asking the
+    loop to stop, since a stopping loop validates and checkpoints the broken weights; the
+    checkpoints (callbacks that Lightning runs after this one) keep the last finite state."""
+
+    def __init__(self, patience: int = 0) -> None:
+        self.patience, self.bad = patience, 0
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *_: Any
+    ) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else math.nan
+        self.bad = 0 if math.isfinite(value) else self.bad + 1
+        if self.bad > self.patience:
+            raise Diverged(trainer.global_step, "train/loss", value, _last_saved(trainer))
+
+    def on_validation_end(self, trainer: L.Trainer, *_: Any) -> None:
+        val = trainer.callback_metrics.get("val/loss")
+        if val is not None and not math.isfinite(float(val)) and not trainer.sanity_checking:
+            raise Diverged(trainer.global_step, "val/loss", float(val), _last_saved(trainer))
+
+
+def _last_saved(trainer: L.Trainer) -> str | None:
+    """The unmonitored (last.ckpt) checkpoint callback's latest file, if it saved one."""
+    paths = [cb.best_model_path for cb in trainer.checkpoint_callbacks if cb.monitor is None]
+    return next((p for p in paths if p), None)
+
+
 class AlignLogStepOnResume(L.Callback):
-    """A checkpoint written by mid-epoch validation stores the logging step counter one
-    behind `global_step` (Lightning bumps it after validation), so resumed metrics would
-    be logged one step early. Realign it with the optimizer step count."""
+    """Training metrics of the batch that takes global step k → k+1 are logged at step k.
+    After a resume Lightning's logging step counter can be one off (a checkpoint written by
+    the validation that ends a run stores it one behind, a mid-run one is corrected by
+    Lightning's own restart logic), so set it from `global_step` at the first batch, after
+    every restore and restart adjustment."""
+
+    def __init__(self) -> None:
+        self.aligned = False
 
     def on_train_start(self, trainer: L.Trainer, *_: Any) -> None:
-        trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
+        self.aligned = False
+
+    def on_train_batch_start(self, trainer: L.Trainer, *_: Any) -> None:
+        if not self.aligned:
+            trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
+            self.aligned = True
 
 
 class ExpertUsageLogger(L.Callback):

@@ -74,6 +74,28 @@ class LanguageModelModule(L.LightningModule):
                 if is_table(param):
                     torch.distributed.broadcast(param.data, src=0)
 
+    def on_train_start(self) -> None:
+        self.apply_optim_config()
+
+    def apply_optim_config(self) -> None:
+        """Set the optimizer's hyperparameters and the schedule's base LRs from the run
+        config. A resumed checkpoint restores the ones it was saved with, so without this an
+        override such as `optim.lr=…` on `--resume` would be recorded but not applied."""
+        optimizer = self.trainer.optimizers[0]
+        o, table_lr = self.run_config["optim"], self.model_config.ffn.table_lr
+        fresh = build_optimizer(self.model, o, table_lr)
+        for group, new in zip(optimizer.param_groups, fresh.param_groups, strict=True):
+            group.update({k: v for k, v in new.items() if k != "params"})
+            group["initial_lr"] = new["lr"]
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+            lrs = [base * fn(scheduler.last_epoch) for base, fn in
+                   zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]  # fmt: skip
+            for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+                group["lr"] = lr
+            scheduler._last_lr = lrs  # what get_last_lr() (LR monitor) reports
+
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
 

@@ -9,12 +9,9 @@ and `export/` appear only when training finished: a failed run says so in `run.j
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
-import platform
 import secrets
-import subprocess
 import sys
 import time
 import warnings
@@ -29,13 +26,14 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from altup_cli.config import Settings, growth_events
+from altup_cli.config import Settings, growth_events, require_fits
 from altup_cli.console import console, say
 from altup_cli.data.corpora import Corpus, load_embedded, load_hf_dataset, load_text_files
 from altup_cli.data.tokenizer import load_tokenizer, tokenizer_from_files, trained_tokenizer
 from altup_cli.data.tokens import TokenStream, epochs_covered, tokenize_corpus
-from altup_cli.errors import UserError
+from altup_cli.errors import UserError, first_line
 from altup_cli.export import read_checkpoint, save_export
+from altup_cli.files import write_json
 from altup_cli.models.counting import (
     active_parameters,
     parameter_counts,
@@ -43,6 +41,8 @@ from altup_cli.models.counting import (
 )
 from altup_cli.training.callbacks import (
     AlignLogStepOnResume,
+    Diverged,
+    DivergenceGuard,
     ExpertUsageLogger,
     LineProgress,
     TrainingStats,
@@ -51,9 +51,20 @@ from altup_cli.training.callbacks import (
 from altup_cli.training.datamodule import PackedTextDataModule
 from altup_cli.training.growth import GrowthSchedule
 from altup_cli.training.lm_module import LanguageModelModule
+from altup_cli.training.rundir import (
+    RUN_DIR_ENV,
+    AtomicCheckpointIO,
+    check_claimable,
+    claim_run_dir,
+    launch_rank,
+    planned_run_dir,
+    read_meta,
+    set_status,
+    steps_done,
+    write_run_files,
+)
 
 log = logging.getLogger("altup")
-RUN_DIR_ENV = "ALTUP_RUN_DIR"  # set by rank 0 so DDP workers it launches share its run dir
 
 
 @dataclass
@@ -61,14 +72,6 @@ class PreparedData:
     stream: TokenStream
     tokenizer_path: Path
     description: str
-
-
-def launch_rank() -> int:
-    """This process's global rank as set by the launcher (0 outside distributed runs)."""
-    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        if var in os.environ:
-            return int(os.environ[var])
-    return 0
 
 
 def load_corpus(s: Settings) -> Corpus:
@@ -116,54 +119,15 @@ def _prepare_data(s: Settings, cache: Path) -> PreparedData:
     return PreparedData(stream, tokenizer_path, corpus.description)
 
 
-def git_revision() -> str | None:
-    root = Path(__file__).resolve().parents[2]
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-        )
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def new_run_dir(s: Settings) -> Path:
-    """outputs/<date>/<time>_<name>; under SLURM or torchrun the job id replaces the time,
-    so that every node derives the same directory."""
-    now = datetime.now()
-    job = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID")
-    stem = f"{job}_{s.run.name}" if job and job != "none" else f"{now:%H-%M-%S}_{s.run.name}"
-    base = Path(s.run.output_dir) / f"{now:%Y-%m-%d}" / stem
-    candidate, n = base, 1
-    while candidate.exists() and not job:
-        candidate, n = base.with_name(f"{base.name}-{n}"), n + 1
-    return candidate
-
-
-def find_resume_checkpoint(resume: str, s: Settings) -> Path | None:
-    """`auto`: newest run of the same name with a last.ckpt (None: start fresh); else a
-    run directory or a checkpoint file."""
-    if resume == "auto":
-        found = []
-        for ckpt in Path(s.run.output_dir).glob("*/*/checkpoints/last.ckpt"):
-            meta = ckpt.parent.parent / "run.json"
-            if meta.is_file() and json.loads(meta.read_text()).get("name") == s.run.name:
-                found.append(ckpt)
-        return max(found, key=lambda p: p.stat().st_mtime) if found else None
-    path = Path(resume).expanduser()
-    if path.is_dir():
-        path = path / "checkpoints" / "last.ckpt"
-        if not path.is_file():
-            raise UserError(f"--resume: {resume} has no checkpoints/last.ckpt")
-    return path
+# Keys a resumed run applies for real (the LR schedule and optimizer hyperparameters are
+# re-set from the config after the checkpoint restores them); a change to any other key
+# would not match the checkpoint's model, data or step, so it is refused.
+RESUMABLE = (
+    "optim.", "trainer.max_steps", "trainer.val_check_interval", "trainer.limit_val_batches",
+    "trainer.log_every_n_steps", "trainer.divergence_patience", "trainer.accelerator",
+    "trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.precision", "logger.",
+    "run.compile", "run.cache_dir", "run.output_dir", "data.num_workers", "growth.",
+)  # fmt: skip
 
 
 def resumed_config(ckpt_path: Path, overrides: list[str], composed: DictConfig) -> DictConfig:
@@ -171,15 +135,16 @@ def resumed_config(ckpt_path: Path, overrides: list[str], composed: DictConfig) 
 
     Group selections (`model=tiny`) cannot change a resumed run: each one must give the
     same section as the checkpoint has (so the original command line works with --resume).
+    Dotted overrides may change only RESUMABLE keys.
     """
     ckpt = read_checkpoint(ckpt_path)
-    cfg = OmegaConf.create(ckpt["altup"]["config"])
-    OmegaConf.set_struct(cfg, True)
+    original = ckpt["altup"]["config"]
+    merged = OmegaConf.create(original)
+    OmegaConf.set_struct(merged, True)
     dotted = [o for o in overrides if "=" in o and "." in o.split("=", 1)[0]]
     try:  # Hydra's own override grammar, so `a=[{step: 4}]` means what it means in a new run
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
-        merged = cfg
         for override in OverridesParser.create().parse_overrides(dotted):
             OmegaConf.update(merged, override.key_or_group.lstrip("+"), override.value())
     except Exception as err:  # hydra's and omegaconf's errors are many; all mean a bad override
@@ -194,7 +159,24 @@ def resumed_config(ckpt_path: Path, overrides: list[str], composed: DictConfig) 
                 f"--resume: {item} differs from the checkpoint's {key}; "
                 "a resumed run keeps its config groups"
             )
+    changed = [
+        k for k in _changed_keys(original, OmegaConf.to_container(merged))
+        if not k.startswith(RESUMABLE)
+    ]  # fmt: skip
+    if changed:
+        raise UserError(
+            f"--resume: {', '.join(changed)} cannot change in a resumed run (the checkpoint "
+            "was trained with its own value); start a new run to change it"
+        )
     return merged
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new), key=str)
+        return [c for k in keys for c in _changed_keys(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [prefix.rstrip(".")]
 
 
 def _without_history(section: Any) -> Any:
@@ -204,38 +186,6 @@ def _without_history(section: Any) -> Any:
     if isinstance(section, dict):
         return {k: v for k, v in section.items() if k != "history"}
     return section
-
-
-def _write_run_files(
-    run_dir: Path, cfg: DictConfig, overrides: list[str], s: Settings, argv: list[str]
-) -> None:
-    hydra_dir = run_dir / ".hydra"
-    hydra_dir.mkdir(parents=True, exist_ok=True)
-    (hydra_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    (hydra_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
-    meta_path = run_dir / "run.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    meta.setdefault("name", s.run.name)
-    meta.setdefault("created", datetime.now().isoformat(timespec="seconds"))
-    meta.setdefault("git_revision", git_revision())
-    meta.setdefault("starts", []).append(
-        {"time": datetime.now().isoformat(timespec="seconds"), "argv": argv, "overrides": overrides}
-    )
-    meta.update(
-        status="running",
-        python=platform.python_version(),
-        torch=torch.__version__,
-        lightning=L.__version__,
-        host=platform.node(),
-    )
-    meta_path.write_text(json.dumps(meta, indent=2))
-
-
-def _set_status(run_dir: Path, status: str, **extra: Any) -> None:
-    meta_path = run_dir / "run.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    meta.update(status=status, **extra)
-    meta_path.write_text(json.dumps(meta, indent=2))
 
 
 class _DropLightningTips(logging.Filter):
@@ -279,7 +229,44 @@ def _precision(s: Settings) -> str:
     return "bf16-mixed" if gpu else "32-true"
 
 
+def wandb_mode(requested: str | None) -> str | None:
+    """`online` only when it can work: with an API key and the server reachable in a few
+    seconds (W&B itself waits 90 s for a network that is not there); else offline, said."""
+    if requested != "online":
+        return requested
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    problem = None if _wandb_api_key(url.hostname or "") else "no W&B API key"
+    if problem is None:
+        import socket
+
+        try:
+            port = url.port or (443 if url.scheme == "https" else 80)
+            socket.create_connection((url.hostname, port), timeout=5).close()
+        except OSError as err:
+            problem = f"{url.hostname} unreachable ({first_line(err)})"
+    if problem is None:
+        return "online"
+    say(f"warning: W&B online needs a network and a key: {problem}; logging offline "
+        "(upload later with `wandb sync`)")  # fmt: skip
+    return "offline"
+
+
+def _wandb_api_key(host: str) -> str | None:
+    if os.environ.get("WANDB_API_KEY"):
+        return os.environ["WANDB_API_KEY"]
+    import netrc
+
+    try:
+        entry = netrc.netrc().authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return None
+    return entry[2] if entry else None
+
+
 def _logger(s: Settings, run_dir: Path, wandb_id: str | None) -> Any:
+    """The one logger factory: W&B (offline unless online can work), CSV or none."""
     if s.logger.kind == "wandb":
         from lightning.pytorch.loggers import WandbLogger
 
@@ -289,7 +276,7 @@ def _logger(s: Settings, run_dir: Path, wandb_id: str | None) -> Any:
             entity=s.logger.entity,
             name=run_dir.name,
             save_dir=str(run_dir),
-            mode=s.logger.mode,
+            mode=wandb_mode(s.logger.mode),
             tags=list(s.logger.tags),
             group=s.logger.group,
             id=wandb_id,
@@ -328,14 +315,19 @@ def build_trainer(s: Settings, run_dir: Path, stats: TrainingStats, logger: Any)
         stats,
         ValidateAtEnd(),
         AlignLogStepOnResume(),
+        DivergenceGuard(t.divergence_patience),
+        # best.ckpt follows val/loss; last.ckpt is a second, unmonitored callback so that it
+        # is rewritten at every validation (Lightning's save_last only saves with a top-k save).
         ModelCheckpoint(
             dirpath=run_dir / "checkpoints",
             filename="best",
             monitor="val/loss",
             mode="min",
             save_top_k=1,
-            save_last=True,
             enable_version_counter=False,
+        ),
+        ModelCheckpoint(
+            dirpath=run_dir / "checkpoints", filename="last", enable_version_counter=False
         ),
         ThroughputMonitor(
             batch_size_fn=lambda batch: batch.shape[0],
@@ -369,6 +361,7 @@ def build_trainer(s: Settings, run_dir: Path, stats: TrainingStats, logger: Any)
         log_every_n_steps=t.log_every_n_steps,
         logger=logger,
         callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
         enable_progress_bar=interactive,
         enable_model_summary=False,
         use_distributed_sampler=False,
@@ -382,48 +375,24 @@ def train(
     resume_ckpt: Path | None = None,
     argv: list[str] | None = None,
 ) -> Path:
-    """Prepare data, train, export; returns the run directory."""
+    """Prepare data, train, export; returns the run directory. Everything that can be
+    checked is checked before the run directory is created or touched."""
     rank = launch_rank()
+    if resume_ckpt is not None and (done := steps_done(resume_ckpt)) >= s.trainer.max_steps:
+        say(
+            f"{resume_ckpt}: already trained {done} steps (trainer.max_steps="
+            f"{s.trainer.max_steps}); nothing to do, nothing changed. Raise trainer.max_steps "
+            "to train on."
+        )
+        return resume_ckpt.parent.parent
+    in_its_run = resume_ckpt is not None and resume_ckpt.parent.name == "checkpoints"
+    claims = RUN_DIR_ENV not in os.environ and not in_its_run and rank == 0
+    if claims:
+        check_claimable(s)
     L.seed_everything(s.run.seed, workers=True, verbose=False)
     data = prepare_data(s)
     model_cfg = s.model_config(data.stream.vocab_size)
-
-    if RUN_DIR_ENV in os.environ:
-        run_dir = Path(os.environ[RUN_DIR_ENV])
-    elif resume_ckpt is not None and resume_ckpt.parent.name == "checkpoints":
-        run_dir = resume_ckpt.parent.parent
-    else:
-        run_dir = new_run_dir(s)
-    os.environ[RUN_DIR_ENV] = str(run_dir)
-    if rank == 0:
-        _write_run_files(run_dir, cfg, overrides, s, argv or sys.argv)
-    _setup_logging(run_dir, rank)
-    try:
-        metrics = _fit(cfg, s, run_dir, data, model_cfg, resume_ckpt, rank)
-    except BaseException as err:
-        if rank == 0:
-            status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-            _set_status(run_dir, status, error=f"{type(err).__name__}: {err}".splitlines()[0])
-        raise
-    finally:
-        os.environ.pop(RUN_DIR_ENV, None)
-    if rank == 0:
-        _set_status(run_dir, "completed", finished=datetime.now().isoformat(timespec="seconds"))
-        print_summary(run_dir, metrics)
-    return run_dir
-
-
-def _fit(
-    cfg: DictConfig,
-    s: Settings,
-    run_dir: Path,
-    data: PreparedData,
-    model_cfg: Any,
-    resume_ckpt: Path | None,
-    rank: int,
-) -> dict[str, Any]:
-    plain_cfg = OmegaConf.to_container(cfg, resolve=True)
-    module = LanguageModelModule(plain_cfg, model_cfg.to_dict())  # type: ignore[arg-type]
+    require_fits(model_cfg, "model")
     datamodule = PackedTextDataModule(
         data.stream,
         s.data.seq_len,
@@ -434,13 +403,55 @@ def _fit(
         s.trainer.accumulate_grad_batches,
         s.data.num_workers,
     )
+    if RUN_DIR_ENV in os.environ:
+        run_dir = Path(os.environ[RUN_DIR_ENV])
+    elif in_its_run:
+        run_dir = resume_ckpt.parent.parent  # type: ignore[union-attr]
+    elif claims:
+        run_dir = claim_run_dir(s)
+    else:
+        run_dir = planned_run_dir(s)
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    if rank == 0:
+        write_run_files(run_dir, cfg, overrides, s, argv or sys.argv)
+    _setup_logging(run_dir, rank)
+    try:
+        metrics = _fit(cfg, s, run_dir, data, datamodule, model_cfg, resume_ckpt, rank)
+    except Diverged as err:
+        if rank == 0:
+            set_status(run_dir, "diverged", error=str(err), **err.record())
+        raise
+    except BaseException as err:
+        if rank == 0:
+            status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+            set_status(run_dir, status, error=f"{type(err).__name__}: {err}".splitlines()[0])
+        raise
+    finally:
+        os.environ.pop(RUN_DIR_ENV, None)
+    if rank == 0:
+        set_status(run_dir, "completed", finished=datetime.now().isoformat(timespec="seconds"))
+        print_summary(run_dir, metrics)
+    return run_dir
+
+
+def _fit(
+    cfg: DictConfig,
+    s: Settings,
+    run_dir: Path,
+    data: PreparedData,
+    datamodule: PackedTextDataModule,
+    model_cfg: Any,
+    resume_ckpt: Path | None,
+    rank: int,
+) -> dict[str, Any]:
+    plain_cfg = OmegaConf.to_container(cfg, resolve=True)
+    module = LanguageModelModule(plain_cfg, model_cfg.to_dict())  # type: ignore[arg-type]
     stats = TrainingStats(s.data.seq_len * s.data.batch_size)
-    meta = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
-    wandb_id = meta.get("wandb_id") if resume_ckpt else None
+    wandb_id = read_meta(run_dir).get("wandb_id") if resume_ckpt else None
     if s.logger.kind == "wandb" and not wandb_id:
         wandb_id = "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(8))
         if rank == 0:
-            _set_status(run_dir, "running", wandb_id=wandb_id)
+            set_status(run_dir, "running", wandb_id=wandb_id)
     trainer = build_trainer(s, run_dir, stats, _logger(s, run_dir, wandb_id))
     if not datamodule.val_indices:
         trainer.limit_val_batches = 0
@@ -452,15 +463,36 @@ def _fit(
             f"{len(datamodule.val_indices):,} val sequences"
         )
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_ckpt, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_ckpt, weights_only=True)
+    finally:
+        if s.logger.kind == "wandb":
+            import wandb
+
+            wandb.finish(exit_code=0 if trainer.state.status.value == "finished" else 1)
     if trainer.interrupted:
         raise KeyboardInterrupt
     wall = time.perf_counter() - started
     if not trainer.is_global_zero:
         return {}
+    metrics = _metrics(s, trainer, module, stats, data, datamodule, wall)
+    save_export(module.model, run_dir / "export", data.tokenizer_path, run=run_dir.name)
+    write_json(run_dir / "metrics.json", metrics)
+    return metrics
+
+
+def _metrics(
+    s: Settings,
+    trainer: L.Trainer,
+    module: LanguageModelModule,
+    stats: TrainingStats,
+    data: PreparedData,
+    datamodule: PackedTextDataModule,
+    wall: float,
+) -> dict[str, Any]:
     val = trainer.callback_metrics.get("val/loss")
     global_batch = s.data.batch_size * trainer.world_size * s.trainer.accumulate_grad_batches
-    metrics = {
+    return {
         "steps": trainer.global_step,
         "tokens_seen": trainer.global_step * global_batch * s.data.seq_len,
         "tokens_this_session": stats.tokens,
@@ -489,13 +521,6 @@ def _fit(
         "wall_seconds": wall,
         "best_checkpoint": trainer.checkpoint_callback.best_model_path or None,  # type: ignore[union-attr]
     }
-    save_export(module.model, run_dir / "export", data.tokenizer_path, run=run_dir.name)
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    if s.logger.kind == "wandb":
-        import wandb
-
-        wandb.finish()
-    return metrics
 
 
 def print_summary(run_dir: Path, metrics: dict[str, Any]) -> None:
