@@ -86,13 +86,27 @@ def load(path: str | Path) -> tuple[TransformerLM, ModelConfig]:
     config_file = target / "config.json"
     if not config_file.is_file():
         raise UserError(f"{path}: no altup export, run directory or checkpoint there")
-    meta = json.loads(config_file.read_text())
-    if meta.get("format") != EXPORT_FORMAT:
+    model = _export_model(config_file)
+    weights = target / "model.safetensors"
+    try:
+        load_model(model, str(weights))
+    except Exception as err:  # safetensors raises its own errors; shapes that differ too
+        raise UserError(f"cannot load {weights}: {first_line(err)}") from None
+    return model.eval(), model.config
+
+
+def _export_model(config_file: Path) -> TransformerLM:
+    """A fresh model as an export's config.json describes it (a UserError for anything else)."""
+    try:
+        meta = json.loads(config_file.read_bytes())
+    except (OSError, ValueError) as err:  # unreadable, not UTF-8, not JSON
+        raise UserError(f"cannot read {config_file}: {first_line(err)}") from None
+    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
         raise UserError(f"{config_file} is not an altup export")
-    config = ModelConfig.from_dict(meta["model"])
-    model = TransformerLM(config)
-    load_model(model, str(target / "model.safetensors"))
-    return model.eval(), config
+    try:
+        return TransformerLM(ModelConfig.from_dict(meta["model"]))
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:
+        raise UserError(f"{config_file}: not an altup model config ({first_line(err)})") from None
 
 
 def load_tokenizer(path: str | Path):  # -> tokenizers.Tokenizer
@@ -105,4 +119,7 @@ def load_tokenizer(path: str | Path):  # -> tokenizers.Tokenizer
     ) / "tokenizer.json"
     if not file.is_file():
         raise UserError(f"{path}: no tokenizer.json saved there")
-    return Tokenizer.from_file(str(file))
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as err:  # tokenizers raises a bare Exception for a damaged file
+        raise UserError(f"cannot load {file}: {first_line(err)}") from None
