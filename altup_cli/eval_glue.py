@@ -3,18 +3,20 @@
 Everything is checked first (settings, checkpoint, tokenizer, every task's files), then each
 task is fine-tuned from the same pretrained weights with a fresh head, and the dev metrics
 of the reported epoch go to a rich table, `glue.json` (rewritten atomically after each
-task, so an interrupted evaluation keeps what finished) and one W&B run.
+task, so an interrupted evaluation keeps what finished) and one W&B run. A task whose loss
+or dev metrics turn non-finite is stopped and marked `diverged` (it has no score); the
+other tasks still run, and the command then fails with one line naming it.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import random
 import sys
 import time
+import typing
 from collections import Counter
 from dataclasses import dataclass, fields, replace
 from datetime import datetime
@@ -25,7 +27,8 @@ import torch
 from omegaconf import OmegaConf
 
 from altup_cli.console import console, say
-from altup_cli.errors import UserError, first_line
+from altup_cli.errors import UserError
+from altup_cli.files import write_json, write_text
 from altup_cli.glue.metrics import METRICS
 from altup_cli.glue.tasks import Split, Task, load_hf_task, load_tsv_task, parse_tasks
 from altup_cli.models.transformer import TransformerLM
@@ -37,6 +40,12 @@ CONVENTION = (
     "without WNLI (BERT's convention); dev splits, one seed"
 )
 PER_TASK = ("epochs", "lr", "batch_size", "max_len", "max_train_examples")
+
+
+class TasksDiverged(UserError):
+    """Fine-tuning diverged on some task: exit code 3, as a diverged `altup train`."""
+
+    exit_code = 3
 
 
 @dataclass(frozen=True)
@@ -101,7 +110,10 @@ def compose_settings(overrides: list[str]) -> dict[str, Any]:
 
 def task_settings(raw: dict[str, Any], task: Task) -> GlueSettings:
     """A task's settings: `eval.tasks.<task>.<key>` set on the command line, else `eval.<key>`
-    set on the command line, else the task's default in the YAML, else the global default."""
+    set on the command line, else the task's default in the YAML, else the global default;
+    each of the type the field declares (a finite float, an int that is not 1.5)."""
+    from altup_cli.config import _check_type
+
     names = {f.name for f in fields(GlueSettings)}
     values = {k: v for k, v in raw.items() if k in names}
     own = (raw.get("tasks") or {}).get(task.name) or {}
@@ -111,9 +123,12 @@ def task_settings(raw: dict[str, Any], task: Task) -> GlueSettings:
             f"eval.tasks.{task.name}.{unknown[0]}: per-task keys are {', '.join(PER_TASK)}"
         )
     explicit = set(raw.get("explicit", []))
+    where = {k: f"eval.{k}" for k in values}
     for key, value in own.items():
         if value is not None and (f"tasks.{task.name}.{key}" in explicit or key not in explicit):
-            values[key] = value
+            values[key], where[key] = value, f"eval.tasks.{task.name}.{key}"
+    hints = typing.get_type_hints(GlueSettings)
+    values = {k: _check_type(v, hints[k], where[k]) for k, v in values.items()}
     try:
         settings = GlueSettings(**values)
     except TypeError as err:
@@ -122,15 +137,23 @@ def task_settings(raw: dict[str, Any], task: Task) -> GlueSettings:
     return settings
 
 
+def check_run_settings(raw: dict[str, Any]) -> None:
+    """The settings that are not per task, before anything is loaded or written."""
+    if raw["source"] not in ("tsv", "hf"):
+        raise UserError(f"eval.source must be tsv or hf, got {raw['source']!r}")
+    if not isinstance(raw["output_dir"], str):
+        raise UserError(f"eval.output_dir: expected a path, got {raw['output_dir']!r}")
+    kind = (raw.get("logger") or {}).get("kind")
+    if kind not in ("wandb", "none"):
+        raise UserError(f"eval.logger.kind must be wandb or none, got {kind!r}")
+
+
 def load_pretrained(checkpoint: str) -> tuple[TransformerLM, Any, int]:
     """The model, its tokenizer and the separator id (the tokenizer's EOS)."""
     from altup_cli.data.tokenizer import EOS
     from altup_cli.export import load, load_tokenizer
 
-    try:
-        model, _ = load(checkpoint)
-    except (RuntimeError, KeyError, TypeError, ValueError) as err:  # an export that does not fit
-        raise UserError(f"{checkpoint}: not a loadable altup model ({first_line(err)})") from None
+    model, _ = load(checkpoint)  # each raises a UserError for what it cannot read
     tokenizer = load_tokenizer(checkpoint)
     sep = tokenizer.token_to_id(EOS)
     if sep is None:
@@ -141,9 +164,7 @@ def load_pretrained(checkpoint: str) -> tuple[TransformerLM, Any, int]:
 def load_data(task: Task, source: str, data_dir: str) -> tuple[Split, list[Split]]:
     if source == "tsv":
         return load_tsv_task(task, Path(data_dir).expanduser())
-    if source == "hf":
-        return load_hf_task(task, data_dir)
-    raise UserError(f"eval.source must be tsv or hf, got {source!r}")
+    return load_hf_task(task, data_dir)
 
 
 def subsample(split: Split, limit: int | None, seed: int) -> Split:
@@ -186,16 +207,11 @@ def out_directory(out: str | None, output_dir: str, checkpoint: str) -> Path:
     return path
 
 
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
-
-
 def eval_glue(
     checkpoint: str, tasks_text: str, data_dir: str, overrides: list[str], out: str | None
 ) -> Path:
     raw = compose_settings(overrides)
+    check_run_settings(raw)
     tasks = parse_tasks(tasks_text)
     per_task = {t.name: task_settings(raw, t) for t in tasks}
     model, tokenizer, sep = load_pretrained(checkpoint)
@@ -217,7 +233,7 @@ def eval_glue(
                 raise UserError(f"{t.name}: {split.name} has no examples")
     run_dir = out_directory(out, raw["output_dir"], checkpoint)
     run_dir.mkdir(parents=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create({"eval": raw})))
+    write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create({"eval": raw})))
     say(f"[bold]altup eval glue[/bold] {checkpoint} → {run_dir}")
     for note in notes:
         say(note)
@@ -238,12 +254,19 @@ def eval_glue(
         )
         report.update(glue_scores(report["tasks"]))
         write_json(run_dir / "glue.json", report)
-    report["status"] = "finished"
+    diverged = {n: r["diverged"] for n, r in report["tasks"].items() if "diverged" in r}
+    report["status"] = "diverged" if diverged else "finished"
     write_json(run_dir / "glue.json", report)
     print_report(report)
     if logger:
         _log_summary(logger, report)
     say(f"results: {run_dir / 'glue.json'}")
+    if diverged:
+        which = "; ".join(f"{name} ({why})" for name, why in diverged.items())
+        raise TasksDiverged(
+            f"fine-tuning diverged: {which}; marked so in {run_dir / 'glue.json'} "
+            "(a lower eval.lr may help)"
+        )
     return run_dir
 
 
@@ -254,7 +277,7 @@ def finetune(
     """Fine-tune a fresh copy of the pretrained model on one task; its report entry."""
     import lightning as L
 
-    from altup_cli.training.glue import GlueModule, encode, loader
+    from altup_cli.training.glue import Diverged, GlueModule, encode, loader
 
     L.seed_everything(s.seed, workers=True, verbose=False)
     model = copy.deepcopy(pretrained)  # every task starts from the same weights
@@ -274,25 +297,36 @@ def finetune(
         + f"; {s.epochs} epochs, {steps:,} steps, lr {s.lr:g}, batch {s.batch_size}")  # fmt: skip
     start = time.perf_counter()
     trainer = _trainer(s, task, logger, len(train_loader))
-    trainer.fit(module, train_loader, dev_loaders)
-    seconds = time.perf_counter() - start
+    try:
+        trainer.fit(module, train_loader, dev_loaders)
+    except Diverged as err:
+        say(f"[bold red]{task.name}: diverged[/bold red] ({err}); the task is stopped")
+        return {"diverged": str(err)} | _entry(task, train, devs, module, trainer, start)
     history = module.history
     best = max(history, key=lambda h: h["score"]) if s.early_stopping else history[-1]
     metrics = {k: v for k, v in best.items() if k not in ("epoch", "score")}
-    baseline = majority(task, train, devs)
     return {
         "metrics": metrics,
         "score": score(metrics),
-        "majority": baseline,
-        "majority_score": score(baseline),
         "reported_epoch": best["epoch"] + 1,
         "reported": "best dev epoch (early stopping)" if s.early_stopping else "last epoch",
-        "epochs": history,
+    } | _entry(task, train, devs, module, trainer, start)
+
+
+def _entry(
+    task: Task, train: Split, devs: list[Split], module: Any, trainer: Any, start: float
+) -> dict[str, Any]:
+    """The part of a task's report entry that does not depend on how fine-tuning ended."""
+    baseline = majority(task, train, devs)
+    return {
+        "majority": baseline,
+        "majority_score": score(baseline),
+        "epochs": module.history,
         "train_examples": len(train.labels),
         "dev_examples": {d.name: len(d.labels) for d in devs},
         "steps": trainer.global_step,
-        "seconds": round(seconds, 1),
-        "settings": settings,
+        "seconds": round(time.perf_counter() - start, 1),
+        "settings": {k: v for k, v in module.settings.items() if k != "line_progress"},
     }
 
 
@@ -335,10 +369,14 @@ def _tty() -> bool:
 
 
 def glue_scores(results: dict[str, Any]) -> dict[str, Any]:
-    scores = {name: r["score"] for name, r in results.items()}
+    """The GLUE averages over the tasks that have a score (a diverged task has none)."""
+    scored = {name: r for name, r in results.items() if "score" in r}
+    scores = {name: r["score"] for name, r in scored.items()}
     out: dict[str, Any] = {
-        "glue_score": sum(scores.values()) / len(scores),
-        "majority_glue_score": sum(r["majority_score"] for r in results.values()) / len(results),
+        "glue_score": sum(scores.values()) / len(scores) if scores else None,
+        "majority_glue_score": (
+            sum(r["majority_score"] for r in scored.values()) / len(scored) if scored else None
+        ),
         "tasks_in_score": list(scores),
     }
     rest = {k: v for k, v in scores.items() if k != "wnli"}
@@ -354,6 +392,11 @@ def print_report(report: dict[str, Any]) -> None:
     for header in ("task", "metric", "model", "majority class", "train", "epoch", "time"):
         table.add_column(header, justify="left" if header in ("task", "metric") else "right")
     for name, r in report["tasks"].items():
+        if "diverged" in r:
+            table.add_row(name, "[bold red]diverged[/bold red]", "—",
+                          f"{r['majority_score']:.2f}", f"{r['train_examples']:,}", "",
+                          f"{r['seconds']:.0f}s")  # fmt: skip
+            continue
         for i, (metric, value) in enumerate(r["metrics"].items()):
             first = i == 0
             table.add_row(
@@ -367,8 +410,8 @@ def print_report(report: dict[str, Any]) -> None:
             table.add_row("", "[italic]score[/italic]", f"{r['score']:.2f}",
                           f"{r['majority_score']:.2f}", "", "", "")  # fmt: skip
     table.add_section()
-    table.add_row("GLUE", "score", f"{report['glue_score']:.2f}",
-                  f"{report['majority_glue_score']:.2f}", "", "", "")  # fmt: skip
+    table.add_row("GLUE", "score", _number(report["glue_score"]),
+                  _number(report["majority_glue_score"]), "", "", "")  # fmt: skip
     if "glue_score_without_wnli" in report:
         table.add_row("GLUE", "without WNLI", f"{report['glue_score_without_wnli']:.2f}",
                       "", "", "", "")  # fmt: skip
@@ -376,12 +419,14 @@ def print_report(report: dict[str, Any]) -> None:
     say(f"[dim]{report['convention']}[/dim]")
 
 
+def _number(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
 def _logger(raw: dict[str, Any], run_dir: Path) -> Any:
     log = raw["logger"]
     if log["kind"] == "none":
         return False
-    if log["kind"] != "wandb":
-        raise UserError(f"eval.logger.kind must be wandb or none, got {log['kind']!r}")
     from lightning.pytorch.loggers import WandbLogger
 
     os.environ.setdefault("WANDB_SILENT", "true")
@@ -400,12 +445,15 @@ def _log_summary(logger: Any, report: dict[str, Any]) -> None:
     run = logger.experiment
     rows = []
     for name, r in report["tasks"].items():
+        if "diverged" in r:
+            run.summary[f"glue/{name}/diverged"] = r["diverged"]
+            continue
         for metric, value in r["metrics"].items():
             run.summary[f"glue/{name}/{metric}"] = value
             rows.append([name, metric, value, r["majority"][metric]])
         run.summary[f"glue/{name}/final_score"] = r["score"]
     for key in ("glue_score", "glue_score_without_wnli", "majority_glue_score"):
-        if key in report:
+        if report.get(key) is not None:
             run.summary[f"glue/{key}"] = report[key]
     run.summary["glue/convention"] = report["convention"]
     run.log({"glue/results": wandb.Table(["task", "metric", "model", "majority"], rows)})

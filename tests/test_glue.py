@@ -234,6 +234,42 @@ def test_fine_tuning_learns_and_writes_the_report_and_wandb(
     assert any("glue/stsb/dev/spearman" in r for r in rows)
 
 
+def strict_json(path: Path) -> dict:
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{path} holds {constant}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_a_diverging_task_is_marked_and_the_others_still_report(
+    altup, pretrained: Path, glue_dir: Path, tmp_path: Path
+) -> None:
+    """RTE at lr 1e6 (AdamW's decay alone multiplies weights by -1e4 a step) reaches a NaN
+    loss: it is stopped and marked diverged, WNLI after it still fine-tunes and is scored,
+    glue.json stays strict JSON, and the command ends with one error line naming RTE and
+    exit code 3 (as a diverged `altup train`)."""
+    out = tmp_path / "glue"
+    result = altup(
+        "eval", "glue", str(pretrained), "--tasks", "rte,wnli", "--data-dir", str(glue_dir),
+        "-o", str(out), "eval.tasks.rte.lr=1e6", "eval.epochs=2", "eval.batch_size=8",
+        "eval.max_len=32",
+    )  # fmt: skip
+    assert result.code == 3, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert [ln for ln in lines if ln.startswith("error:")] == lines[-1:]
+    assert lines[-1].startswith("error: fine-tuning diverged: rte (loss nan at step ")
+    assert "wnli" not in lines[-1] and "Traceback" not in result.stderr
+    assert any("rte" in ln and "diverged" in ln and "—" in ln for ln in lines)  # the table
+    report = strict_json(out / "glue.json")
+    rte, wnli = report["tasks"]["rte"], report["tasks"]["wnli"]
+    assert report["status"] == "diverged" and rte["diverged"].startswith("loss nan at step")
+    assert "metrics" not in rte and "score" not in rte and rte["steps"] < 2 * 3
+    assert wnli["steps"] == 2 * 3 and math.isfinite(wnli["score"])
+    assert report["tasks_in_score"] == ["wnli"] and report["glue_score"] == wnli["score"]
+    assert report["majority_glue_score"] == wnli["majority_score"]
+    assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
 def kind_model(kind: str, vocab: int) -> TransformerLM:
     torch.manual_seed(0)
     if kind == "grown":
@@ -277,40 +313,137 @@ def test_every_model_kind_pools_padding_free_and_fine_tunes(
 # ── bad input ───────────────────────────────────────────────────────────────────────────
 
 
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(
-    altup, pretrained: Path, glue_dir: Path, tmp_path: Path
-) -> None:
-    broken = tmp_path / "data"
+OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def broken_task(root: Path, glue_dir: Path, case: str, file: str, edit) -> str:
+    """A data directory holding one task folder of the fixture with `file` (TASK/x.tsv)
+    replaced by edit(its bytes)."""
+    folder = file.split("/")[0]
+    shutil.copytree(glue_dir / folder, root / case / folder)
+    target = root / case / file
+    target.write_bytes(edit(target.read_bytes()))
+    return str(root / case)
+
+
+def set_field(line: int, value: str):
+    """An edit that puts `value` in the last column of the file's line `line` (1-based)."""
+
+    def edit(data: bytes) -> bytes:
+        lines = data.decode().split("\n")
+        lines[line - 1] = lines[line - 1].rsplit("\t", 1)[0] + "\t" + value
+        return "\n".join(lines).encode()
+
+    return edit
+
+
+def corrupt_export(root: Path, run: Path, case: str, file: str) -> str:
+    """A copy of the run's export with `file` cut to half its bytes (an interrupted copy)."""
+    export = root / case
+    shutil.copytree(run / "export", export)
+    data = (export / file).read_bytes()
+    (export / file).write_bytes(data[: len(data) // 2])
+    return str(export)
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory: pytest.TempPathFactory, pretrained: Path, glue_dir: Path) -> Path:
+    """Every broken input of the bad-input table, each under its own name."""
+    root = tmp_path_factory.mktemp("bad")
+    broken = root / "broken"
     shutil.copytree(glue_dir, broken)
     (broken / "RTE" / "dev.tsv").unlink()
     lines = (broken / "WNLI" / "train.tsv").read_text().splitlines()
     lines[3] = lines[3].rsplit("\t", 1)[0] + "\tmaybe"
     (broken / "WNLI" / "train.tsv").write_text("\n".join(lines) + "\n")
-    garbage = tmp_path / "garbage.ckpt"
-    garbage.write_bytes(random.Random(0).randbytes(2000))
-    foreign = tmp_path / "foreign.ckpt"
-    torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
-    existing = tmp_path / "existing"
-    existing.mkdir()
-    run, data = str(pretrained), str(glue_dir)
-    cases = [
-        ([run, "--tasks", "sst2,nope", "--data-dir", data], "unknown GLUE task 'nope'"),
-        ([run, "--tasks", "rte", "--data-dir", str(broken)], "RTE/dev.tsv is missing"),
-        ([run, "--tasks", "qnli", "--data-dir", str(tmp_path / "none")], "QNLI"),
-        ([run, "--tasks", "wnli", "--data-dir", str(broken)], "label 'maybe' is not one of"),
-        ([str(garbage), "--tasks", "rte", "--data-dir", data], "cannot read checkpoint"),
-        ([str(foreign), "--tasks", "rte", "--data-dir", data], "not an altup checkpoint"),
-        ([str(tmp_path), "--tasks", "rte", "--data-dir", data], "no altup export"),
-        ([run, "--tasks", "rte", "--data-dir", data, "model=tiny"], "eval.<key>"),
-        ([run, "--tasks", "rte", "--data-dir", data, "eval.epoch=2"], "config:"),
-        ([run, "--tasks", "rte", "--data-dir", data, "eval.max_len=4096"], "max_seq_len"),
-        ([run, "--tasks", "rte", "--data-dir", data, "eval.source=csv"], "eval.source"),
-        ([run, "--tasks", "rte", "--data-dir", data, "-o", str(existing)], "already exists"),
-    ]
-    for args, message in cases:
-        before = sorted(p.name for p in tmp_path.iterdir())
-        result = altup("eval", "glue", *args, f"eval.output_dir={tmp_path / 'o'}")
-        assert result.code == 2, (args, result.stderr)
-        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, (
-            args, result.stderr)  # fmt: skip
-        assert sorted(p.name for p in tmp_path.iterdir()) == before
+    (root / "garbage.ckpt").write_bytes(random.Random(0).randbytes(2000))
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, root / "foreign.ckpt")
+    (root / "existing").mkdir()
+    (root / "empty").mkdir()
+    for case, value in (("nan", "nan"), ("inf", "inf"), ("word", "high")):
+        broken_task(root, glue_dir, f"stsb_{case}", "STS-B/train.tsv", set_field(3, value))
+    broken_task(root, glue_dir, "empty_tsv", "RTE/train.tsv", lambda _: b"")
+    latin1 = lambda data: data.replace(b"said", "s\u00e4id".encode("latin-1"), 1)  # noqa: E731
+    broken_task(root, glue_dir, "latin1", "MRPC/train.tsv", latin1)
+    corrupt_export(root, pretrained, "bad_weights", "model.safetensors")
+    corrupt_export(root, pretrained, "bad_tokenizer", "tokenizer.json")
+    return root
+
+
+def tree(*roots: Path) -> dict[str, str]:
+    """Every path under `roots` with a digest of its bytes ("" for a directory)."""
+    import hashlib
+
+    return {
+        str(p): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else ""
+        for root in roots
+        for p in sorted(root.rglob("*"))
+    }
+
+
+RTE = ["--tasks", "rte", "--data-dir", "{data}"]
+BAD_INPUT = {
+    "unknown-task": (["{run}", "--tasks", "sst2,nope", "--data-dir", "{data}"],
+                     "unknown GLUE task 'nope'"),
+    "missing-file": (["{run}", "--tasks", "rte", "--data-dir", "{bad}/broken"],
+                     "RTE/dev.tsv is missing"),
+    "missing-dir": (["{run}", "--tasks", "qnli", "--data-dir", "{bad}/none"], "QNLI"),
+    "bad-label": (["{run}", "--tasks", "wnli", "--data-dir", "{bad}/broken"],
+                  "label 'maybe' is not one of"),
+    "stsb-nan": (["{run}", "--tasks", "stsb", "--data-dir", "{bad}/stsb_nan"],
+                 "STS-B/train.tsv:3: score 'nan' is not a finite number"),
+    "stsb-inf": (["{run}", "--tasks", "stsb", "--data-dir", "{bad}/stsb_inf"],
+                 "STS-B/train.tsv:3: score 'inf' is not a finite number"),
+    "stsb-word": (["{run}", "--tasks", "stsb", "--data-dir", "{bad}/stsb_word"],
+                  "STS-B/train.tsv:3: score 'high' is not a number"),
+    "empty-tsv": (["{run}", "--tasks", "rte", "--data-dir", "{bad}/empty_tsv"],
+                  "RTE/train.tsv is empty"),
+    "not-utf8": (["{run}", "--tasks", "mrpc", "--data-dir", "{bad}/latin1"],
+                 "MRPC/train.tsv:3: not UTF-8 text"),
+    "hf-offline": (["{run}", "--tasks", "rte", "--data-dir", "nyu-mll/glue", "eval.source=hf"],
+                   "cannot load rte from nyu-mll/glue"),
+    "garbage-ckpt": (["{bad}/garbage.ckpt", *RTE], "cannot read checkpoint"),
+    "foreign-ckpt": (["{bad}/foreign.ckpt", *RTE], "not an altup checkpoint"),
+    "no-export": (["{bad}/empty", *RTE], "no altup export"),
+    "corrupt-weights": (["{bad}/bad_weights", *RTE], "bad_weights/model.safetensors"),
+    "corrupt-tokenizer": (["{bad}/bad_tokenizer", *RTE], "bad_tokenizer/tokenizer.json"),
+    "not-eval": (["{run}", *RTE, "model=tiny"], "eval.<key>"),
+    "unknown-key": (["{run}", *RTE, "eval.epoch=2"], "config:"),
+    "too-long": (["{run}", *RTE, "eval.max_len=4096"], "max_seq_len"),
+    "source": (["{run}", *RTE, "eval.source=csv"], "eval.source"),
+    "logger": (["{run}", *RTE, "eval.logger.kind=csv"], "eval.logger.kind"),
+    "epochs-word": (["{run}", *RTE, "eval.epochs=abc"], "eval.epochs: expected int, got 'abc'"),
+    "epochs-float": (["{run}", *RTE, "eval.epochs=1.5"], "eval.epochs: expected int, got 1.5"),
+    "lr-word": (["{run}", *RTE, "eval.lr=fast"], "eval.lr: expected float, got 'fast'"),
+    "lr-inf": (["{run}", *RTE, "eval.lr=inf"], "eval.lr: expected a finite number, got inf"),
+    "task-lr-nan": (["{run}", *RTE, "eval.tasks.rte.lr=nan"],
+                    "eval.tasks.rte.lr: expected a finite number, got nan"),
+    "out-exists": (["{run}", *RTE, "-o", "{bad}/existing"], "already exists"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(
+    case: str, altup, pretrained: Path, glue_dir: Path, bad: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    for name, value in OFFLINE.items():  # the hub case must fail here, not reach the network
+        monkeypatch.setenv(name, value)
+    if case == "hf-offline":  # datasets reads the variables on import: set its copies too
+        datasets = pytest.importorskip("datasets")
+        from huggingface_hub import constants
+
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+        monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+        monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path.parent / "hf")
+    template, message = BAD_INPUT[case]
+    paths = {"run": str(pretrained), "data": str(glue_dir), "bad": str(bad)}
+    args = [a.format(**paths) for a in template]
+    before = tree(tmp_path, bad, glue_dir, pretrained)
+    result = altup("eval", "glue", *args, f"eval.output_dir={tmp_path / 'o'}")
+    assert result.code == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert message in lines[0], lines[0]
+    assert tree(tmp_path, bad, glue_dir, pretrained) == before

@@ -6,11 +6,12 @@ inside sentences taken literally (no CSV quoting) — or a Hugging Face `dataset
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from altup_cli.errors import UserError
+from altup_cli.errors import UserError, first_line
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,10 @@ def read_tsv(path: Path, task: Task) -> Split:
             f"{task.name}: {path} is missing (get GLUE with the well-known download_glue_data.py, "
             f"or pass --data-dir DIR holding {task.folder}/{path.name})"
         )
-    lines = path.read_text(encoding="utf-8-sig").split("\n")
+    lines = _text(path).split("\n")
     rows = [line.rstrip("\r").split("\t") for line in lines if line.strip()]
+    if not rows:
+        raise UserError(f"{path} is empty (a {task.name} file has a row per example)")
     header = rows.pop(0) if task.header else []
 
     def column(key: str | int) -> int:
@@ -104,12 +107,36 @@ def read_tsv(path: Path, task: Task) -> Split:
     return Split(path.stem, texts, labels)
 
 
+def _text(path: Path) -> str:
+    """The file as text (a BOM dropped), or a UserError naming the first line that is not UTF-8."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror or first_line(err)}") from None
+    data = data.removeprefix(b"\xef\xbb\xbf")  # MRPC's files start with a BOM
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise UserError(
+            f"{path}:{line}: not UTF-8 text (byte {data[err.start]:#04x}; GLUE's files are UTF-8)"
+        ) from None
+
+
+def _score(value: Any, where: str) -> float:
+    """An STS-B similarity score: a finite number."""
+    try:
+        score = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: score {value!r} is not a number") from None
+    if not math.isfinite(score):
+        raise UserError(f"{where}: score {value!r} is not a finite number")
+    return score
+
+
 def _label(value: str, task: Task, path: Path, line: int) -> Any:
     if task.labels is None:
-        try:
-            return float(value)
-        except ValueError:
-            raise UserError(f"{path}:{line}: score {value!r} is not a number") from None
+        return _score(value, f"{path}:{line}")
     if value not in task.labels:
         raise UserError(
             f"{path}:{line}: label {value!r} is not one of {task.name}'s labels "
@@ -137,12 +164,7 @@ def load_hf_task(task: Task, source: str) -> tuple[Split, list[Split]]:
         import datasets
     except ImportError:
         raise UserError("--source hf needs the datasets package: pip install 'altup[hf]'") from None
-    path = Path(source).expanduser()
-    if path.is_dir():
-        where = path / task.name if (path / task.name).is_dir() else path
-        data = datasets.load_from_disk(str(where))
-    else:
-        data = datasets.load_dataset(source, task.name)
+    data = _hf_dataset(datasets, task, source)
     missing = [s for s in ("train", *task.hf_dev) if s not in data]
     if missing:
         raise UserError(f"{task.name}: the dataset at {source} has no split {missing[0]!r}")
@@ -153,7 +175,7 @@ def load_hf_task(task: Task, source: str) -> tuple[Split, list[Split]]:
         labels = []
         for value in rows["label"]:
             if names is None:
-                labels.append(float(value))
+                labels.append(_score(value, f"{task.name}/{name}"))
                 continue
             if not 0 <= value < len(names):
                 raise UserError(f"{task.name}/{name}: label {value} outside the task's labels")
@@ -165,3 +187,19 @@ def load_hf_task(task: Task, source: str) -> tuple[Split, list[Split]]:
         return Split(name, texts, labels)
 
     return split("train"), [split(name) for name in task.hf_dev]
+
+
+def _hf_dataset(datasets: Any, task: Task, source: str) -> Any:
+    """The task's DatasetDict from a `save_to_disk` directory or the hub; a UserError when
+    `datasets` cannot load it (no network, no such dataset, a damaged copy)."""
+    path = Path(source).expanduser()
+    try:
+        if path.is_dir():
+            where = path / task.name if (path / task.name).is_dir() else path
+            return datasets.load_from_disk(str(where))
+        return datasets.load_dataset(source, task.name)
+    except Exception as err:  # datasets raises almost anything (ConnectionError offline)
+        hint = "" if path.is_dir() else " (a hub name needs the network, or a cached copy)"
+        raise UserError(
+            f"cannot load {task.name} from {source} with datasets{hint}: {first_line(err)}"
+        ) from None

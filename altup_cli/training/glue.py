@@ -5,6 +5,7 @@ warmup and decay; dev predictions scored with the task's metrics every epoch."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +20,14 @@ from altup_cli.glue.metrics import METRICS
 from altup_cli.glue.tasks import Split, Task
 from altup_cli.models.transformer import TransformerLM
 from altup_cli.training.optim import build_optimizer, dense_parameters
+
+
+class Diverged(Exception):
+    """Fine-tuning produced a non-finite loss or dev metric: the task stops there."""
+
+    def __init__(self, what: str, step: int):
+        super().__init__(f"{what} at step {step:,}")
+        self.step = step
 
 
 def encode(split: Split, tokenizer: Any, sep: int, max_len: int) -> list[list[int]]:
@@ -83,7 +92,10 @@ class GlueModule(L.LightningModule):
         loss = F.mse_loss(out, labels) if self.task.regression else F.cross_entropy(out, labels)
         self.log(f"glue/{self.task.name}/train_loss", loss, prog_bar=True)
         aux = self.model.aux_loss()
-        return loss if aux is None else loss + aux  # MoE balance, already weighted
+        total = loss if aux is None else loss + aux  # MoE balance, already weighted
+        if not torch.isfinite(total.detach()):
+            raise Diverged(f"loss {float(total.detach())}", self.global_step + 1)
+        return total
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """A line every tenth of the run when the log is not a terminal (CI, SLURM)."""
@@ -108,6 +120,8 @@ class GlueModule(L.LightningModule):
             gold = torch.cat(self.golds.get(i, [])).double().numpy()
             for metric in self.task.metrics:
                 value = METRICS[metric](pred, gold)
+                if not math.isfinite(value):  # non-finite predictions
+                    raise Diverged(f"{name} {metric} {value}", self.global_step)
                 scores[f"{name}/{metric}"] = value
                 self.log(f"glue/{self.task.name}/{name}/{metric}", value)
         metric_values = [v for k, v in scores.items() if k != "epoch"]
