@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 
 from altup_cli.config import conf_dir
 from altup_cli.console import console, print_table
+from altup_cli.errors import UserError
 from altup_cli.models.counting import parameter_counts
 from altup_cli.models.transformer import ModelConfig, TransformerLM
 from altup_cli.training.lm_module import (
@@ -58,8 +59,6 @@ class Measurement:
 def preset_config(name: str, vocab_size: int = 8192, seq_len: int = 256) -> ModelConfig:
     path = conf_dir() / "model" / f"{name}.yaml"
     if not path.is_file():
-        from altup_cli.errors import UserError
-
         known = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
         raise UserError(f"unknown model preset {name!r} (known: {known})")
     values: dict[str, Any] = OmegaConf.to_container(OmegaConf.load(path))  # type: ignore[assignment]
@@ -102,11 +101,37 @@ def _proc_status(field: str) -> int:
     return 0
 
 
-def _device(name: str) -> torch.device:
-    """`auto` is the GPU when there is one, else the CPU."""
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is the GPU when there is one, else the CPU; `cuda` needs a GPU."""
+    if name not in DEVICES:
+        raise UserError(f"--device must be {', '.join(DEVICES)}, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available here (use auto or cpu)")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
+
+
+def check_options(
+    suite: str, presets: list[str], counts: dict[str, int], warmup: int, device: str
+) -> None:
+    """Refuse bad `altup bench` options before anything runs: `counts` (option → value)
+    must be positive, `--warmup` at least 0, the device one there is, and the presets
+    of the lightning and altup suites known."""
+    for option, value in counts.items():
+        if value < 1:
+            raise UserError(f"{option} must be a positive integer, got {value}")
+    if warmup < 0:
+        raise UserError(f"--warmup must be 0 or more, got {warmup}")
+    resolve_device(device)
+    if suite in ("lightning", "altup"):
+        if not presets:
+            raise UserError("--models must name at least one model preset")
+        for preset in presets:
+            preset_config(preset)
 
 
 def _random_batches(vocab_size: int, batch_size: int, seq_len: int, n: int) -> list[torch.Tensor]:
@@ -279,7 +304,7 @@ def run_benchmark(
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-    device = _device(device_name)
+    device = resolve_device(device_name)
     rows = []
     for preset in presets:
         cfg = preset_config(preset, seq_len=seq_len)
@@ -367,7 +392,7 @@ def run_altup_benchmark(
     ratios to the baseline."""
     from altup_cli.models.counting import training_flops_per_token
 
-    device = _device(device_name)
+    device = resolve_device(device_name)
     variants = altup_variants(preset, seq_len)
     vocab = variants["baseline"].vocab_size
     batches = _random_batches(vocab, batch_size, seq_len, warmup + steps)

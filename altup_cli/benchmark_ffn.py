@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from altup_cli.errors import UserError
 from altup_cli.models.feedforward import MLP, FFNConfig
 from altup_cli.models.peer import PEER
 from altup_cli.models.row_gradients import flat_terms, row_chunks
@@ -35,6 +36,12 @@ HEADS, TOPK, D_KEY = 8, 16, 256
 REFERENCE = {128**2: (938, 1.2), 256**2: (823, 1.4), 512**2: (592, 2.9), 1024**2: (182, 8.9)}
 TARGET_SPEEDUP = {256**2: 3.0, 1024**2: 5.0}
 OPTIM = {"lr": 1e-3, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8}
+
+
+def check_experts(roots: list[int]) -> None:
+    """PEER retrieves k keys from each of its two √N-row sub-key tables: √N ≥ k."""
+    if min(roots) < TOPK:
+        raise UserError(f"--experts: every √N must be at least k = {TOPK}, got {min(roots)}")
 
 
 def layer(kind: str, d_model: int, num_experts: int) -> torch.nn.Module:

@@ -363,18 +363,22 @@ def bench(
     naive_max: int = typer.Option(1024, help="peer suite: largest √N the naive oracle runs at."),
 ) -> None:
     """Benchmark training-step throughput."""
-    from altup_cli.benchmark import run_altup_benchmark, run_benchmark
+    from altup_cli.benchmark import check_options, run_altup_benchmark, run_benchmark
 
     presets = [m.strip() for m in models.split(",") if m.strip()]
+    counts = {"--steps": steps, "--repeats": repeats, "--batch-size": batch_size}
+    counts |= {"--seq-len": seq_len, "--tokens": tokens, "--naive-max": naive_max}
+    check_options(suite, presets, counts, warmup, device)
     if suite == "lightning":
         run_benchmark(presets, steps, warmup, repeats, batch_size, seq_len, device)
     elif suite == "altup":
         for preset in presets:
             run_altup_benchmark(preset, steps, warmup, batch_size, seq_len, device, compile)
     elif suite == "peer":
-        from altup_cli.benchmark_ffn import run_peer_benchmark
+        from altup_cli.benchmark_ffn import check_experts, run_peer_benchmark
 
         widths, roots = _int_list(d_models, "--d-models"), _int_list(experts, "--experts")
+        check_experts(roots)
         run_peer_benchmark(widths, roots, tokens, repeats, naive_max, 4, 256)
     elif suite == "growth":
         from altup_cli.benchmark_growth import run_growth_benchmark

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from altup_cli.benchmark import bare_loop, lightning_loop, preset_config, run_benchmark
@@ -75,3 +77,63 @@ def test_peer_suite_rows_compare_like_with_like() -> None:
     assert steps[("peer", 1024)]["vs_naive"] is None
     peer = steps[("peer", 1024)]
     assert peer["tps"] == pytest.approx(32 / (peer["ms"] / 1e3)) and peer["step_peak_gib"] > 0
+
+
+SMALL = ["--models", "nano", "--steps", "1", "--warmup", "1", "--repeats", "1"]
+SMALL += ["--batch-size", "2", "--seq-len", "16", "--d-models", "32", "--experts", "16"]
+SMALL += ["--tokens", "16", "--naive-max", "16"]
+
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    return {str(p): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--steps", "0"], "--steps"),
+        (["--steps", "-3"], "--steps"),
+        (["--warmup", "-1"], "--warmup"),
+        (["--repeats", "0"], "--repeats"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--seq-len", "-5"], "--seq-len"),
+        (["--suite", "altup", "--steps", "0"], "--steps"),
+        (["--suite", "altup", "--batch-size", "-1"], "--batch-size"),
+        (["--suite", "peer", "--tokens", "0"], "--tokens"),
+        (["--suite", "peer", "--repeats", "0"], "--repeats"),
+        (["--suite", "peer", "--naive-max", "-1"], "--naive-max"),
+        (["--suite", "peer", "--experts", "0,16"], "--experts"),
+        (["--suite", "peer", "--experts", "16,4"], "k = 16"),
+        (["--device", "tpu"], "--device"),
+        (["--device", "cuda:x"], "--device"),
+        (["--models", " , "], "--models"),
+        (["--models", "nano,gigantic"], "unknown model preset"),
+        (["--suite", "quick"], "--suite"),
+    ],
+)
+def test_bad_bench_options_are_one_line(
+    altup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], message: str
+) -> None:
+    """Bad options are refused before anything runs: exit 2, one `error:` line, no table,
+    no file written."""
+    monkeypatch.chdir(tmp_path)
+    before = _tree(tmp_path)
+    result = altup("bench", *SMALL, *args)
+    assert result.code == 2 and message in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert result.stdout == "" and _tree(tmp_path) == before
+
+
+def test_bench_on_cuda_without_a_gpu_is_one_line(
+    altup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for suite in ("lightning", "altup"):
+        result = altup("bench", *SMALL, "--suite", suite, "--device", "cuda")
+        assert result.code == 2 and "no CUDA GPU" in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
+    assert not any(tmp_path.iterdir())
