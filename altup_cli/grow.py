@@ -3,13 +3,19 @@
 OUT becomes a run directory that `altup train --resume OUT` continues (model, optimizer
 moments, LR schedule, step count, data position) and `altup_cli.load(OUT)` loads: a
 `checkpoints/last.ckpt`, `export/`, `.hydra/config.yaml` and `run.json` naming the source.
-Everything is checked before anything is written, and nothing existing is overwritten.
+Everything is checked before anything is written, and nothing existing is overwritten: OUT
+is assembled in a temporary directory beside it and renamed into place at the end, so a
+failure part-way leaves nothing behind and the same command can simply be run again.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -17,9 +23,11 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from altup_cli.config import require_fits
 from altup_cli.console import console, say
-from altup_cli.errors import UserError
+from altup_cli.errors import UserError, first_line
 from altup_cli.export import model_from_checkpoint, read_checkpoint, save_export
+from altup_cli.files import atomic_path, write_json, write_text
 from altup_cli.growth import GrowthOp, parse_op, plan, preset_ops
 from altup_cli.models.transformer import ModelConfig, TransformerLM
 from altup_cli.training.growth import grow_with_optimizer, max_logit_change, record_growth
@@ -35,6 +43,33 @@ def _checkpoint_path(source: str) -> Path:
     if not path.is_file():
         raise UserError(f"{source}: no checkpoint there (expected a .ckpt or a run directory)")
     return path
+
+
+def _out_dir(out: str) -> Path:
+    """OUT, refused unless it is absent or an empty directory below a directory."""
+    out_dir = Path(out).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"-o {out}: exists and is not a directory (nothing is overwritten)")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        raise UserError(f"-o {out}: exists and is not empty (nothing is overwritten)")
+    parent = next(p for p in out_dir.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise UserError(f"-o {out}: {parent} is not a directory")
+    return out_dir
+
+
+def _source_meta(path: Path) -> dict[str, Any]:
+    """The source run's run.json (empty when there is none)."""
+    meta_path = path.parent.parent / "run.json"
+    if not meta_path.is_file():
+        return {}
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UserError(f"cannot read {meta_path}: {first_line(err)}") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{meta_path} is not a JSON object")
+    return meta
 
 
 def _ops(texts: list[str], to: str | None, cfg: ModelConfig) -> list[GrowthOp]:
@@ -87,17 +122,17 @@ def grow_checkpoint(
         raise UserError(f"--lr-policy must be continue or rewarm, got {lr_policy!r}")
     if rewarm_steps is not None and rewarm_steps < 1:
         raise UserError(f"--rewarm-steps must be positive, got {rewarm_steps}")
-    out_dir = Path(out).expanduser()
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise UserError(f"-o {out}: exists and is not empty (nothing is overwritten)")
+    out_dir = _out_dir(out)
     path = _checkpoint_path(source)
     ckpt = read_checkpoint(path)
+    meta = _source_meta(path)
     model = model_from_checkpoint(ckpt, path)
     ops = _ops(op_texts, to, model.config)
     try:
-        plan(model.config, ops, allow_inexact)
+        steps = plan(model.config, ops, allow_inexact)
     except ValueError as err:
         raise UserError(str(err)) from None
+    require_fits(steps[-1][2], "the grown model")  # before anything is allocated
 
     config = ckpt["altup"]["config"]
     optimizer_states = ckpt.get("optimizer_states") or [None]
@@ -135,26 +170,47 @@ def grow_checkpoint(
     ckpt["callbacks"] = {
         k: v for k, v in ckpt.get("callbacks", {}).items() if not k.startswith("ModelCheckpoint")
     }
-    _write(out_dir, ckpt, grown, path, config)
+    _write(out_dir, ckpt, grown, path, config, meta)
     print_growth(model, grown, change, ops, out_dir)
     return out_dir
 
 
+@contextmanager
+def _staged(out_dir: Path) -> Iterator[Path]:
+    """A temporary directory beside `out_dir` to write into, renamed onto it (absent or
+    empty) on success. On any failure it is removed, with the parent directories made
+    for it, and an OSError (a full disk, no permission) becomes one line."""
+    final = out_dir.resolve()
+    made = [p for p in final.parents if not p.exists()]
+    tmp: Path | None = None
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+        yield tmp
+        mask = os.umask(0)
+        os.umask(mask)
+        tmp.chmod(0o777 & ~mask)  # mkdtemp makes it 0700
+        tmp.rename(final)
+    except BaseException as err:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for parent in made:  # deepest first
+            with suppress(OSError):
+                parent.rmdir()
+        if isinstance(err, OSError):
+            raise UserError(f"-o {out_dir}: cannot write: {first_line(err)}") from None
+        raise
+
+
 def _write(
-    out_dir: Path, ckpt: dict[str, Any], grown: TransformerLM, path: Path, config: dict[str, Any]
+    out_dir: Path,
+    ckpt: dict[str, Any],
+    grown: TransformerLM,
+    path: Path,
+    config: dict[str, Any],
+    meta: dict[str, Any],
 ) -> None:
-    (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    target = out_dir / "checkpoints" / "last.ckpt"
-    tmp = target.with_suffix(".ckpt.tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, target)  # atomic: a reader never sees half a checkpoint
-    source_run = path.parent.parent
-    tokenizer = source_run / "export" / "tokenizer.json"
-    save_export(grown, out_dir / "export", tokenizer if tokenizer.is_file() else None)
-    (out_dir / ".hydra").mkdir(exist_ok=True)
-    (out_dir / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
-    meta_path = source_run / "run.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    tokenizer = path.parent.parent / "export" / "tokenizer.json"
     meta.pop("wandb_id", None)  # a new W&B run: a new run directory
     meta.update(
         status="grown",
@@ -162,7 +218,12 @@ def _write(
         created=datetime.now().isoformat(timespec="seconds"),
         name=config["run"]["name"],
     )
-    (out_dir / "run.json").write_text(json.dumps(meta, indent=2))
+    with _staged(out_dir) as tmp:
+        with atomic_path(tmp / "checkpoints" / "last.ckpt") as target:
+            torch.save(ckpt, target)
+        save_export(grown, tmp / "export", tokenizer if tokenizer.is_file() else None)
+        write_text(tmp / ".hydra" / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
+        write_json(tmp / "run.json", meta)
     if not tokenizer.is_file():
         say(f"note: no tokenizer beside {path}; the export has none")
 

@@ -4,8 +4,10 @@ resuming after either."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -128,9 +130,25 @@ def trained(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path, cache_di
     return _run_dir(out)
 
 
+def _tree(*roots: Path) -> dict[str, bytes | None]:
+    """Every path under `roots` with its bytes (None for a directory)."""
+    return {
+        str(p): p.read_bytes() if p.is_file() else None
+        for root in roots
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def _refused(result: Any, message: str = "") -> None:
+    lines = result.stderr.strip().splitlines()
+    assert result.code == 2 and message in result.stderr, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
+        (["mlp_width=100000000"], "parameters, which need"),
         (["width=3"], "unknown growth transform"),
         (["mlp_width=16"], "cannot shrink"),
         (["key_dim=17"], "even"),
@@ -144,10 +162,10 @@ def test_bad_growth_requests_write_nothing(
     altup, trained: Path, tmp_path: Path, args: list[str], message: str
 ) -> None:
     out = tmp_path / "grown"
+    before = _tree(tmp_path, trained)
     result = altup("grow", str(trained), *args, "-o", str(out))
-    assert result.code == 2 and message in result.stderr, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
-    assert not out.exists()
+    _refused(result, message)
+    assert _tree(tmp_path, trained) == before
 
 
 def test_inexact_growth_needs_the_flag_and_reports_the_change(
@@ -167,23 +185,95 @@ def test_inexact_growth_needs_the_flag_and_reports_the_change(
     assert event["max_abs_dlogits"] > 0
 
 
-@pytest.mark.parametrize("kind", ["garbage", "foreign", "existing-output"])
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("garbage", "cannot read checkpoint"),
+        ("text-file", "cannot read checkpoint"),
+        ("foreign", "not an altup checkpoint"),
+        ("existing-output", "not empty"),
+        ("output-is-file", "not a directory"),
+        ("output-parent-is-file", "not a directory"),
+    ],
+)
 def test_bad_checkpoints_and_outputs_are_refused(
-    altup, trained: Path, tmp_path: Path, kind: str
+    altup, trained: Path, tmp_path: Path, kind: str, message: str
 ) -> None:
     source, out = trained, tmp_path / "grown"
     if kind == "garbage":
         source = tmp_path / "x.ckpt"
         source.write_bytes(b"\x00not a checkpoint")
+    elif kind == "text-file":
+        source = tmp_path / "notes.txt"
+        source.write_text("step 6: loss 4.2\n")
     elif kind == "foreign":
         source = tmp_path / "x.ckpt"
         torch.save({"state_dict": {"w": torch.zeros(2)}}, source)
-    else:
+    elif kind == "existing-output":
         out.mkdir()
         (out / "keep.txt").write_text("an earlier result")
-    result = altup("grow", str(source), "mlp_width=128", "-o", str(out))
-    assert result.code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    if kind == "existing-output":
-        assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    elif kind == "output-is-file":
+        out.write_text("an earlier result")
     else:
-        assert not out.exists()
+        (tmp_path / "file").write_text("an earlier result")
+        out = tmp_path / "file" / "grown"
+    before = _tree(tmp_path, trained)
+    result = altup("grow", str(source), "mlp_width=128", "-o", str(out))
+    _refused(result, message)
+    assert _tree(tmp_path, trained) == before
+
+
+@pytest.mark.parametrize(
+    ("target", "error"),
+    [
+        ("save_export", OSError(28, "No space left on device")),
+        ("write_text", OSError(13, "Permission denied")),
+        ("write_json", RuntimeError("killed")),
+    ],
+)
+def test_a_failed_write_leaves_nothing_and_a_retry_succeeds(
+    altup,
+    trained: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    target: str,
+    error: Exception,
+) -> None:
+    """A write that fails after the checkpoint is written leaves no output directory (nor
+    temporary files) behind, so the same command then succeeds; a disk error is one line."""
+    from altup_cli import grow
+
+    def fail(*_: Any, **__: Any) -> None:
+        raise error
+
+    monkeypatch.setattr(grow, target, fail)
+    out = tmp_path / "runs" / "grown"
+    before = _tree(tmp_path, trained)
+    args = ("grow", str(trained), "mlp_width=128", "-o", str(out))
+    if isinstance(error, OSError):
+        _refused(altup(*args), error.strerror)
+    else:
+        with pytest.raises(RuntimeError, match="killed"):
+            altup(*args)
+    assert _tree(tmp_path, trained) == before
+    monkeypatch.undo()
+    result = altup(*args)
+    assert result.code == 0, result.stderr
+    assert sorted(p.name for p in out.parent.iterdir()) == ["grown"]
+    assert {p.name for p in out.iterdir()} == {"checkpoints", "export", ".hydra", "run.json"}
+    assert json.loads((out / "run.json").read_text())["status"] == "grown"
+    _, cfg = altup_cli.load(out)
+    assert cfg.d_ff == 128
+
+
+def test_grow_fills_an_existing_empty_directory(altup, trained: Path, tmp_path: Path) -> None:
+    """An empty OUT is allowed (nothing to overwrite) and gets the usual directory mode."""
+    out = tmp_path / "grown"
+    out.mkdir()
+    result = altup("grow", str(trained), "mlp_width=128", "-o", str(out))
+    assert result.code == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grown"]
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask
