@@ -437,23 +437,42 @@ def test_killing_a_sweep_kills_the_point_it_is_training(
             os.kill(child, signal.SIGKILL)
 
 
-def test_a_sweep_directory_that_is_a_file_is_refused(
-    altup, corpus_dir: Path, cache_dir: Path, tmp_path: Path
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("--dir is a file", "not a directory"),
+        ("binary results.csv", "not an altup sweep results table"),
+        ("garbled plan.json", "not a readable sweep plan"),
+    ],
+)
+def test_an_unusable_sweep_directory_is_refused_and_left_as_it_was(
+    altup, corpus_dir: Path, cache_dir: Path, tmp_path: Path, damage: str, message: str
 ) -> None:
     args = sweep_args(corpus_dir, cache_dir, tmp_path / "out")
-    target = tmp_path / "not_a_dir"
-    target.write_text("hello")
+    target = tmp_path / "sweep"
+    if damage == "--dir is a file":
+        target.write_text("hello")
+    else:
+        target.mkdir()
+        name = "results.csv" if "results" in damage else "plan.json"
+        (target / name).write_bytes(b"\xff\xfe\x00{[garbage\n" * 3)
     before = tree(tmp_path)
     result = altup("sweep", "isoflop", *args, *ONE_BUDGET, *FAST, "--dir", str(target))
     assert result.code == 2 and "Traceback" not in result.stderr
-    assert len(_errors(result.stderr)) == 1 and "not a directory" in result.stderr
+    errors = _errors(result.stderr)
+    assert len(errors) == 1 and message in errors[0], result.stderr
     assert tree(tmp_path) == before
 
 
-@pytest.mark.parametrize("content", [bytes(range(256)) * 4, b"\x00\x01garbage\n\xff\xfe"])
-def test_analyze_refuses_an_unreadable_results_table(
-    altup, tmp_path: Path, content: bytes
-) -> None:
+@pytest.mark.parametrize(
+    "content",
+    [
+        bytes(range(256)) * 4,
+        b"\x00\x01garbage\n\xff\xfe",
+        "key,budget\n3e08,3e8\n".encode("utf-16"),
+    ],
+)
+def test_analyze_refuses_an_unreadable_results_table(altup, tmp_path: Path, content: bytes) -> None:
     sweep = tmp_path / "sweep"
     sweep.mkdir()
     (sweep / "results.csv").write_bytes(content)

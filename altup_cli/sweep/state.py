@@ -2,10 +2,12 @@
 
 `plan.json` holds the sweep's shared config: every resolved setting its points have in
 common, except the ones that cannot change a result (where outputs and caches go, the
-logger, the run name, the recipe's sweep axes) and the ones the planner sets per point
-(steps, schedule length, validation interval). A re-run whose shared config differs is
-refused, naming the settings, so one directory never mixes results of two configs; a
-re-run with the same one may add budgets, archs or sizes, and the plan keeps every point.
+logger and how often it logs, the run name, data-loader workers, the recipe's sweep axes)
+and the ones the planner sets per point (steps, schedule length, validation interval). A
+re-run whose shared config differs is refused, naming the settings, so one directory never
+mixes results of two configs; a re-run with the same one may add budgets, archs or sizes,
+and the plan keeps every point. (So a sweep made before an upgrade that added a config
+setting is refused too, naming it: its points ran without that setting.)
 
 `.lock` is held (flock, released by the kernel however the sweep ends) for as long as a
 sweep writes to its directory: a second sweep on the same directory refuses at once.
@@ -26,6 +28,7 @@ from altup_cli.files import finite_json
 
 UNCOMPARED = (
     "run.name", "run.output_dir", "run.cache_dir", "logger.", "sweep.",
+    "trainer.log_every_n_steps", "data.num_workers",
     "trainer.max_steps", "optim.schedule_steps", "trainer.val_check_interval",
 )  # fmt: skip
 
