@@ -194,6 +194,7 @@ def test_inexact_growth_needs_the_flag_and_reports_the_change(
         ("existing-output", "not empty"),
         ("output-is-file", "not a directory"),
         ("output-parent-is-file", "not a directory"),
+        ("bad-run-json", "cannot read"),
     ],
 )
 def test_bad_checkpoints_and_outputs_are_refused(
@@ -214,6 +215,9 @@ def test_bad_checkpoints_and_outputs_are_refused(
         (out / "keep.txt").write_text("an earlier result")
     elif kind == "output-is-file":
         out.write_text("an earlier result")
+    elif kind == "bad-run-json":
+        source = shutil.copytree(trained, tmp_path / "run")
+        (source / "run.json").write_text('{"status": "done",')
     else:
         (tmp_path / "file").write_text("an earlier result")
         out = tmp_path / "file" / "grown"
