@@ -332,3 +332,23 @@ def _step_of(ckpt: Path) -> int:
         return int(torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"])
     except Exception:  # being replaced right now: atomic, so this is only a race with rename
         return -1
+
+
+@pytest.mark.parametrize("case", ["no API key", "no network"])
+def test_wandb_online_without_a_key_or_network_logs_offline_and_says_so(
+    altup, corpus_dir: Path, cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    case: str,
+) -> None:  # fmt: skip
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    if case == "no network":
+        monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+        monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # a closed loopback port
+    outputs = tmp_path / "outputs"
+    args = tiny_overrides(corpus_dir, cache_dir, outputs, steps=2)
+    started = time.monotonic()
+    result = altup("train", *args, "logger=wandb", "logger.mode=online")
+    assert result.code == 0, result.stderr
+    assert "logging offline" in result.stderr and case.split()[-1].lower() in result.stderr.lower()
+    assert list(_runs(outputs)[0].glob("wandb/offline-run-*"))
+    assert time.monotonic() - started < 120  # W&B alone would wait 90 s for the network
