@@ -177,13 +177,15 @@ class _Evil:
         return (Path("/tmp/altup-pwned").touch, ())
 
 
-@pytest.mark.parametrize("kind", ["missing", "garbage", "foreign", "pickled-code"])
+@pytest.mark.parametrize("kind", ["missing", "garbage", "text", "foreign", "pickled-code"])
 def test_bad_resume_checkpoints(
     altup, kind: str, tmp_path: Path, corpus_dir: Path, cache_dir: Path
 ) -> None:
     ckpt = tmp_path / "x.ckpt"
     if kind == "garbage":
         ckpt.write_bytes(b"\x00not a checkpoint")
+    elif kind == "text":  # torch.load raised KeyError: 105 on it
+        ckpt.write_text("it was the best of times, it was the worst of times\n")
     elif kind == "foreign":
         torch.save({"state_dict": {"w": torch.zeros(2)}}, ckpt)
     elif kind == "pickled-code":
