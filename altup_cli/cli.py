@@ -28,7 +28,7 @@ Hydra overrides select config groups (`model=tiny`) and set keys (`trainer.max_s
 
 * `altup train model=tiny trainer.max_steps=200 data=text data.path=my.txt`
 
-* `altup train --recipe tiny-bible logger=csv`
+* `altup train --recipe mini-bible logger=csv`
 
 * `altup train --dry-run model=base trainer=ddp` — print the config and run dir only.
 
@@ -36,7 +36,7 @@ Hydra overrides select config groups (`model=tiny`) and set keys (`trainer.max_s
 
 * `altup train --resume outputs/2026-11-22/10-00-00_quickstart trainer.max_steps=600`
 
-* `altup train model=nano growth=nano_to_tiny` — grow to the tiny shape at step 150.
+* `altup train model=nano growth=nano_to_tiny` — grow to the tiny shape at step 100.
 
 Groups: model (nano tiny mini small base), data (shakespeare bible wiki text hf),
 tokenizer (bpe gpt2 file), trainer (default ddp ddp_cpu fsdp), logger (wandb csv),
