@@ -18,7 +18,7 @@ from altup_cli.growth.transforms import layers as layers_plan
 from altup_cli.growth.transforms import placement_function
 from altup_cli.models.altup import AltUpConfig, AltUpLayer
 from altup_cli.models.feedforward import FFNConfig
-from altup_cli.models.row_gradients import materialize_row_grad
+from altup_cli.models.row_gradients import is_table, materialize_row_grad
 from altup_cli.models.transformer import ModelConfig, TransformerLM
 from altup_cli.training.optim import build_optimizer, group_names, indexed_state_dict, named_state
 from tests.conftest import make_prose
@@ -36,7 +36,13 @@ KINDS = {
     "peer": {
         "ffn": FFNConfig(kind="peer", num_experts=64, heads=2, topk=4, d_key=8, layers="middle")
     },
-    "pkm": {"ffn": FFNConfig(kind="pkm", num_experts=64, heads=2, topk=4, d_key=8)},
+    # Every layer PEER/PKM: an inserted layer's expert table is its output side.
+    "peer_all": {
+        "ffn": FFNConfig(kind="peer", num_experts=64, heads=2, topk=4, d_key=8, layers="all")
+    },
+    "pkm_all": {
+        "ffn": FFNConfig(kind="pkm", num_experts=64, heads=2, topk=4, d_key=8, layers="all")
+    },
     "moe": {"ffn": FFNConfig(kind="moe", num_experts=4, topk=2)},
 }
 SIX = ["mlp_width=48", "heads=3", "value_dim=12", "key_dim=12", "residual_width=24"]
@@ -69,7 +75,7 @@ def max_change(model: TransformerLM, grown: TransformerLM, x: torch.Tensor) -> f
 def test_each_transform_preserves_the_function(kind: str, dtype: torch.dtype) -> None:
     model = random_model(kind, dtype)
     x = text_batch()
-    ops = SIX + LAYER_OPS + (["ffn.d_key=12"] if kind in ("peer", "pkm") else [])
+    ops = SIX + LAYER_OPS + (["ffn.d_key=12"] if kind.startswith(("peer", "pkm")) else [])
     changes = {op: max_change(model, grow(model, [parse_op(op)])[0], x) for op in ops}
     assert max(changes.values()) <= TOLERANCE[dtype], changes
 
@@ -104,7 +110,7 @@ GROWABLE = {
 
 @st.composite
 def compositions(draw: st.DrawFn) -> tuple[str, list[str]]:
-    kind = draw(st.sampled_from(["baseline", "altup_k2", "altup_k3", "peer"]))
+    kind = draw(st.sampled_from(["baseline", "altup_k2", "altup_k3", "peer", "peer_all"]))
     names = draw(st.lists(st.sampled_from(list(GROWABLE)), min_size=2, max_size=6))
     names += [n for n in GROWABLE if n not in names]  # all six, the drawn ones first
     ops, n_layers = [], 3
@@ -155,7 +161,7 @@ PLANS = [("mlp_width", 48), ("heads", 3), ("value_dim", 12), ("key_dim", 12)]
 PLANS += [("residual_width", 24), ("layers", 5)]
 
 
-@pytest.mark.parametrize("kind", ["baseline", "altup_k2", "peer"])
+@pytest.mark.parametrize("kind", ["baseline", "altup_k2", "peer", "peer_all"])
 @pytest.mark.parametrize(("transform", "size"), PLANS)
 def test_new_parameters_train_and_are_not_clones(kind: str, transform: str, size: int) -> None:
     """Every new entry block gets a non-zero gradient on real text — the zero side at once,
@@ -179,6 +185,8 @@ def test_new_parameters_train_and_are_not_clones(kind: str, transform: str, size
         assert moved.max() > 0, f"{name}: new entries get no gradient"
         rows = param.detach().reshape(param.shape[0], -1)
         new_rows = mask.reshape(param.shape[0], -1).all(1)
+        if is_table(param):  # an expert no token retrieved yet has not trained yet
+            new_rows &= rows.abs().sum(1) > 0
         fresh = rows[new_rows]
         if param.ndim >= 2 and len(fresh) and fresh.abs().sum() > 0:
             distances = torch.cdist(fresh, rows) + torch.eye(len(rows))[new_rows] * 1e9
@@ -189,7 +197,7 @@ def adam_settings() -> dict[str, float]:
     return {"lr": 1e-2, "weight_decay": 0.0, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8}
 
 
-@pytest.mark.parametrize("kind", ["baseline", "altup_k2", "peer"])
+@pytest.mark.parametrize("kind", ["baseline", "altup_k2", "peer", "peer_all"])
 @pytest.mark.parametrize(("transform", "size"), PLANS)
 def test_adam_state_moves_with_the_parameters(kind: str, transform: str, size: int) -> None:
     """Moments have their parameter's grown shape, new first moments are 0 and new second
