@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from altup_cli.errors import UserError
 from altup_cli.sweep.analyze import analyze_rows, bootstrap_exponents, fit_parabola, fit_power_law
 from altup_cli.sweep.plan import plan_sweep
 from tests.conftest import tiny_overrides
@@ -41,6 +42,36 @@ def test_the_planner_spends_each_budget(corpus_dir: Path, cache_dir: Path, tmp_p
         assert f"trainer.max_steps={p.steps}" in p.overrides
         assert f"optim.schedule_steps={p.steps}" in p.overrides
     assert len({p.flops_per_token for p in points}) == 6  # every model has its own F
+
+
+def _plan(corpus: Path, cache: Path, out: Path, *extra: str) -> list:
+    """A 2e10-FLOP dense plan of two sizes on a stand-in corpus (no data prepared)."""
+    args = [*sweep_args(corpus, cache, out), *extra]
+    return plan_sweep(args, None, [2e10], ["dense"], ["d16x1", "d32x2"], 5,
+                      lambda s: (300, 10**9))  # fmt: skip
+
+
+def test_the_planner_counts_every_process_of_a_run(
+    corpus_dir: Path, cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step of a W-process run trains W × batch × seq × accumulate tokens, so at equal
+    budget it takes 1/W of the steps; `devices=auto` counts what Lightning would use."""
+    from lightning.pytorch.accelerators import cuda
+
+    one = _plan(corpus_dir, cache_dir, tmp_path)
+    two = _plan(corpus_dir, cache_dir, tmp_path, "trainer=ddp_cpu")  # 2 CPU processes
+    with pytest.raises(UserError, match="devices=auto"):  # no GPU here: unknown, not 1
+        _plan(corpus_dir, cache_dir, tmp_path, "trainer=ddp", "trainer.num_nodes=2")
+    monkeypatch.setattr(cuda, "num_cuda_devices", lambda: 4)  # what Lightning would see
+    four = _plan(corpus_dir, cache_dir, tmp_path, "trainer=ddp")  # gpu, devices auto
+    eight = _plan(corpus_dir, cache_dir, tmp_path, "trainer=ddp", "trainer.num_nodes=2")
+    auto_cpu = _plan(corpus_dir, cache_dir, tmp_path, "trainer.accelerator=cpu",
+                     "trainer.devices=auto")  # fmt: skip
+    for world, plan in ((2, two), (4, four), (8, eight), (1, auto_cpu)):
+        for p, q in zip(one, plan, strict=True):
+            assert q.tokens_per_step == world * p.tokens_per_step
+            assert abs(q.steps - p.steps / world) <= 1  # the same budget, rounded to steps
+            assert abs(q.flops - q.budget) <= q.flops_per_token * q.tokens_per_step / 2
 
 
 def test_parabola_and_power_law_fits_recover_known_curves() -> None:

@@ -137,9 +137,7 @@ def plan_sweep(
             vocab, train_tokens = corpus_tokens(s)
             cfg = s.model_config(vocab)
             per_step = s.data.batch_size * s.data.seq_len * s.trainer.accumulate_grad_batches
-            per_step *= s.trainer.num_nodes * (
-                s.trainer.devices if s.trainer.devices != "auto" else 1
-            )
+            per_step *= world_size(s.trainer)
             counts = parameter_counts(cfg)
             models.append((arch, size, point_overrides, s, per_step, train_tokens, counts, cfg))
     points = []
@@ -166,6 +164,34 @@ def plan_sweep(
             )
         points += row
     return points
+
+
+def world_size(t: Any) -> int:
+    """Processes a run trains on: devices per node × nodes, each step consuming a batch per
+    process. `devices=auto` (or -1) is resolved the way Lightning's Trainer resolves it
+    here: the accelerator's `auto_device_count()` (1 for CPU, every visible GPU for CUDA)."""
+    if t.devices not in ("auto", -1):
+        return int(t.devices) * t.num_nodes
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+    from lightning.pytorch.trainer.connectors.accelerator_connector import _AcceleratorConnector
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    name = t.accelerator
+    try:
+        if name == "auto":
+            name = _AcceleratorConnector._choose_auto_accelerator()
+        elif name == "gpu":
+            name = _AcceleratorConnector._choose_gpu_accelerator_backend()
+        count = AcceleratorRegistry[name]["accelerator"].auto_device_count()
+    except MisconfigurationException:
+        count = 0
+    if count < 1:
+        raise UserError(
+            f"trainer.devices=auto with trainer.accelerator={t.accelerator}: no such device is "
+            "visible here to count, so the tokens per step are unknown; set trainer.devices to "
+            "the devices per node the points will train on"
+        )
+    return count * t.num_nodes
 
 
 def schedule_overrides(s: Any, steps: int) -> list[str]:
