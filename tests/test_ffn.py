@@ -61,6 +61,57 @@ def test_product_keys_return_the_exhaustive_top_k(shared: bool, num_keys: int, t
     assert torch.equal(idx, best_idx)  # random fp64 scores: no ties
 
 
+def reference_retrieval(
+    r: ProductKeyRetrieval, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k scores and flat indices from first principles, sharing no code with
+    `ProductKeyRetrieval`: each head's query slice (BatchNorm'd by hand with the batch or
+    running statistics) dotted with every full key [c_i; c'_j] (flat index i·√N + j),
+    built by a loop, then sorted."""
+    q = x @ r.query.weight.T
+    bn = r.query_bn
+    if bn is not None:
+        mean, var = (q.mean(0), q.var(0, unbiased=False)) if bn.training else (
+            bn.running_mean, bn.running_var)  # fmt: skip
+        q = (q - mean) / torch.sqrt(var + bn.eps) * bn.weight + bn.bias
+    heads, d_key, root = r.heads, r.d_key, r.root
+    scores, idx = [], []
+    for h in range(heads):
+        c = r.sub_keys[h if r.sub_keys.shape[0] > 1 else 0]  # (2, √N, d_key/2)
+        keys = torch.stack([torch.cat([c[0, i], c[1, j]]) for i in range(root)
+                            for j in range(root)])  # fmt: skip
+        q_h = q[:, h * d_key : (h + 1) * d_key]
+        all_h = (q_h[:, None, :] * keys[None]).sum(-1)  # (n, N) explicit dot products
+        order = all_h.argsort(-1, descending=True)[:, : r.topk]
+        scores.append(all_h.gather(-1, order))
+        idx.append(order)
+    return torch.stack(scores, 1), torch.stack(idx, 1)
+
+
+@pytest.mark.parametrize("query_bn", [True, False])
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize(("num_keys", "topk"), [(16, 4), (256, 16)])
+def test_product_keys_equal_an_independent_full_key_reference(
+    query_bn: bool, shared: bool, num_keys: int, topk: int
+) -> None:
+    """Catches what an oracle built on `sub_scores` cannot: a wrong sub-key table, half or
+    head slice, or flat index layout. Training-mode (batch) and eval-mode (running) BN."""
+    torch.manual_seed(num_keys + shared)
+    r = ProductKeyRetrieval(24, num_keys, heads=3, topk=topk, d_key=8, query_bn=query_bn,
+                            shared_keys=shared).double()  # fmt: skip
+    if query_bn:  # non-trivial affine BN parameters
+        torch.nn.init.normal_(r.query_bn.weight, 1.0, 0.3)
+        torch.nn.init.normal_(r.query_bn.bias, 0.0, 0.3)
+    x = torch.randn(40, 24, dtype=torch.float64)
+    with torch.no_grad():
+        for mode in ("train", "eval"):
+            r.train(mode == "train")
+            expected_scores, expected_idx = reference_retrieval(r, x)  # before BN updates
+            scores, idx = r(x)
+            torch.testing.assert_close(scores, expected_scores, rtol=0, atol=1e-12, msg=mode)
+            assert torch.equal(idx, expected_idx), mode  # random fp64 scores: no ties
+
+
 PEER_CASES = [
     dict(query_bn=True, shared_keys=True, activation="gelu"),
     dict(query_bn=False, shared_keys=False, activation="relu"),
@@ -278,3 +329,56 @@ def test_expert_tables_run_eagerly_under_compile_and_cost_no_dynamo_import() -> 
     assert eager.keys() == under_compile.keys() and "up" in eager
     for name, value in eager.items():
         torch.testing.assert_close(under_compile[name], value, msg=name)
+
+
+def init_promise(name: str, cfg: ModelConfig) -> float:
+    """The std each parameter's own initialiser promises (1.0 / 0.0 for constant inits,
+    marked by a negative sign: exactly that value everywhere)."""
+    f, d, out = cfg.ffn, cfg.d_model, cfg.init_std / math.sqrt(2 * cfg.n_layers)
+    by_suffix = {
+        "retrieval.query.weight": d**-0.5,  # unit-variance queries before BN
+        "retrieval.sub_keys": (f.d_key // 2) ** -0.5,  # unit-scale sub-key scores
+        "query_bn.weight": -1.0,
+        "query_bn.bias": -0.0,
+        "ffn.up": d**-0.5,  # PEER: u·x of unit scale for a unit-rms input
+        "ffn.down": out,  # PEER: like the other output projections
+        "ffn.values": d**-0.5,  # PKM: N(0, 1/d)
+        "ffn.router.weight": cfg.init_std,
+        "ffn.w1": cfg.init_std,  # MoE expert stacks
+        "ffn.w2": out,
+        "ffn.w1.weight": cfg.init_std,
+        "ffn.w2.weight": out,
+        "attn.wo.weight": out,
+        "norm.weight": -1.0,
+    }
+    for suffix, std in by_suffix.items():
+        if name.endswith(suffix):
+            return std
+    if name.endswith(("wq.weight", "wk.weight", "wv.weight")) or name == "embed.weight":
+        return cfg.init_std
+    raise AssertionError(f"no promised init for {name}")
+
+
+INIT_KINDS = [
+    dict(kind="peer", num_experts=1024, heads=4, topk=4, d_key=32, layers=[0, 1]),
+    dict(kind="pkm", num_experts=1024, heads=2, topk=4, d_key=32, shared_keys=False),
+    dict(kind="moe", num_experts=4, topk=2, layers=[1]),
+]
+
+
+@pytest.mark.parametrize("ffn", INIT_KINDS, ids=lambda f: f["kind"])
+def test_every_parameter_has_its_initialisers_statistics_inside_a_model(ffn: dict) -> None:
+    """The model's GPT-2 pass must not overwrite a sub-module's own initialiser (the query
+    network's d^-½, the sub-keys' (d_key/2)^-½): each parameter's sample mean and std are
+    those promised, within 6 standard errors."""
+    torch.manual_seed(7)
+    cfg = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=2, d_ff=128,
+                      max_seq_len=16, ffn=FFNConfig(**ffn))  # fmt: skip
+    for name, p in TransformerLM(cfg).named_parameters():
+        std, values = init_promise(name, cfg), p.detach().double().flatten()
+        if std <= 0:
+            assert torch.all(values == -std), name
+            continue
+        n = values.numel()
+        assert abs(float(values.mean())) < 6 * std / math.sqrt(n), name
+        assert float(values.std()) / std == pytest.approx(1.0, abs=6 / math.sqrt(2 * n)), name

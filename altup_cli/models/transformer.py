@@ -198,7 +198,9 @@ class TransformerLM(nn.Module):
             self.lm_head.weight = self.embed.weight
 
     def reset_parameters(self) -> None:
-        """GPT-2 style: N(0, init_std), output projections scaled by 1/sqrt(2·layers)."""
+        """GPT-2 style: N(0, init_std), output projections scaled by 1/sqrt(2·layers); then
+        product-key retrieval's own init (unit-variance scores), after this pass, which
+        would otherwise overwrite its query network."""
         std = self.config.init_std
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -206,7 +208,8 @@ class TransformerLM(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=scale)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-            if isinstance(module, ProductKeyRetrieval):  # its own scale: unit-variance scores
+        for module in self.modules():
+            if isinstance(module, ProductKeyRetrieval):
                 module.reset_parameters()
 
     def run_blocks(self, h: torch.Tensor) -> torch.Tensor:
