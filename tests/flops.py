@@ -1,15 +1,20 @@
-"""An independent FLOP count: torch's FlopCounterMode, plus formulas for the few ops it has
+"""Independent FLOP counts: torch's FlopCounterMode, plus formulas for the few ops it has
 none for that the project's hand-written backward passes use (matmul convention: 2 per
-multiply-add)."""
+multiply-add); a count of the additions product-key retrieval executes (which
+FlopCounterMode does not see); and a clock for benchmarks that ticks in FLOPs."""
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.module_tracker import ModuleTracker
 
 aten = torch.ops.aten
 
@@ -51,3 +56,47 @@ def count_flops(fn: Callable[[], object]) -> FlopCounterMode:
     ):
         fn()
     return counter
+
+
+ADDS = {aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor}
+
+
+class CandidateSums(TorchDispatchMode):
+    """Counts the floating-point additions executed inside modules whose name contains
+    `scope` (one per element of each `add` output): product-key retrieval's candidate sums,
+    counted where they happen rather than from a formula."""
+
+    def __init__(self, scope: str = "retrieval") -> None:
+        super().__init__()
+        self.scope, self.count, self.tracker = scope, 0, ModuleTracker()
+
+    def __enter__(self) -> CandidateSums:
+        self.tracker.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        self.tracker.__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        inside = any(self.scope in name for name in self.tracker.parents)
+        if func in ADDS and inside and out.is_floating_point():
+            self.count += out.numel()
+        return out
+
+
+@contextlib.contextmanager
+def flop_clock(module: types.ModuleType) -> Iterator[FlopCounterMode]:
+    """Within it, `module`'s `time.perf_counter` reads the FLOPs executed so far: a clock
+    that ticks with the work done, so a benchmark's time ratios become work ratios."""
+    with (
+        sdpa_kernel([SDPBackend.MATH]),
+        FlopCounterMode(display=False, custom_mapping=EXTRA_FORMULAS) as counter,
+    ):
+        clock = types.SimpleNamespace(perf_counter=lambda: float(counter.get_total_flops()))
+        saved, module.time = module.time, clock  # type: ignore[attr-defined]
+        try:
+            yield counter
+        finally:
+            module.time = saved  # type: ignore[attr-defined]

@@ -10,9 +10,11 @@ matrix product has two backward products (grad of input and of weight).
 Sparse feed-forward layers (PEER, PKM, MoE) count what a token actually computes: the
 query network, the 2·√N sub-key scores per head, the experts or values it retrieves (a
 gathered dot product or weighted row sum is 2 FLOPs per element, like a matrix product),
-the MoE router and its k experts. Product-key retrieval also adds h·k² candidate sums
-(counted, 1 FLOP each, under `retrieval`), which FlopCounterMode does not see, nor top-k,
-softmax or BatchNorm (free here as everywhere).
+the MoE router and its k experts (expert choice: capacity·k on average, at most E).
+Product-key retrieval also adds h·k² candidate sums (counted, 1 FLOP each, under
+`retrieval`; tests count them as they run), which FlopCounterMode does not see, nor top-k,
+softmax or BatchNorm (free here as everywhere). Training counts them 3× by the same
+convention (their backward is two sums over k² gradients per head).
 """
 
 from __future__ import annotations
@@ -137,8 +139,13 @@ def _sparse_ffn_flops(cfg: ModelConfig) -> tuple[float, float]:
         per_row = 4 * d if f.kind == "peer" else 2 * d  # PEER: u·x and g·σ·v; PKM: g·v
         return float(router + f.heads * f.topk * per_row), float(f.heads * f.topk**2)
     if f.kind == "moe":
-        tokens_per_expert = f.topk * (f.capacity if f.routing == "expert_choice" else 1.0)
-        return 2.0 * d * f.num_experts + tokens_per_expert * 4 * d * cfg.d_ff, 0.0
+        # Expert choice: each expert takes C = min(n, ⌈capacity·k·n/E⌉) of the n tokens, so a
+        # token meets E·C/n experts on average: capacity·k, at most E (exact when
+        # capacity·k·n/E is a whole number or capacity·k ≥ E).
+        experts_per_token = (
+            min(f.num_experts, f.topk * f.capacity) if f.routing == "expert_choice" else f.topk
+        )
+        return 2.0 * d * f.num_experts + experts_per_token * 4 * d * cfg.d_ff, 0.0
     return 0.0, 0.0
 
 
