@@ -164,11 +164,18 @@ def test_metrics_equal_scipy_and_sklearn_on_random_predictions() -> None:
             stats.spearmanr(tied, y)[0], abs=1e-12)  # fmt: skip
 
 
-def test_spearman_is_computed_in_float64() -> None:
-    """float32 inputs close together: ranks from float64 keep them apart as scipy does."""
-    y = np.linspace(0, 1, 500)
-    x = (y + 1e-9 * np.arange(500)[::-1]).astype(np.float64)
-    assert METRICS["spearman"](x, y) == pytest.approx(stats.spearmanr(x, y)[0], abs=1e-12)
+def test_spearman_and_pearson_are_computed_in_float64() -> None:
+    """Scores 1 + k·1e-10 are distinct in float64 but all 1.0 in float32 (one ulp is
+    1.2e-7), where every rank would tie and both correlations would be 0."""
+    k = np.random.default_rng(0).permutation(500)
+    x = 1 + 1e-10 * k
+    assert len(set(x.astype(np.float32))) == 1 and len(set(x)) == 500
+    y = k + np.random.default_rng(1).normal(scale=50, size=500)
+    expected = stats.spearmanr(x, y)[0]
+    assert expected > 0.9
+    assert METRICS["spearman"](x, y) == pytest.approx(expected, abs=1e-12)
+    assert METRICS["spearman"](list(x), list(y)) == pytest.approx(expected, abs=1e-12)
+    assert METRICS["pearson"](x, y) == pytest.approx(stats.pearsonr(x, y)[0], abs=1e-9)
 
 
 def test_majority_baseline_and_glue_average_by_hand() -> None:
