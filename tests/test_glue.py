@@ -21,6 +21,7 @@ from altup_cli.eval_glue import (
     eval_glue,
     glue_scores,
     majority,
+    subsample,
     task_settings,
 )
 from altup_cli.export import load_tokenizer, save_export
@@ -275,6 +276,34 @@ def test_a_diverging_task_is_marked_and_the_others_still_report(
     assert report["tasks_in_score"] == ["wnli"] and report["glue_score"] == wnli["score"]
     assert report["majority_glue_score"] == wnli["majority_score"]
     assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_early_stopping_reports_the_best_epoch_and_max_train_examples_subsamples(
+    pretrained: Path, glue_dir: Path, tmp_path: Path
+) -> None:
+    """At lr 1e-12 the dev score never changes, so early stopping with patience 2 ends 8
+    epochs after 3 and reports epoch 1 (the first best, not the last); 8 of RTE's 19 train
+    examples at batch 4 are 2 steps an epoch."""
+    out = eval_glue(str(pretrained), "rte", str(glue_dir), ["eval.logger.kind=none",
+                    "eval.early_stopping=true", "eval.patience=2", "eval.epochs=8",
+                    "eval.lr=1e-12", "eval.tasks.rte.max_train_examples=8",
+                    "eval.batch_size=4", "eval.max_len=32"], str(tmp_path / "glue"))  # fmt: skip
+    rte = json.loads((out / "glue.json").read_text())["tasks"]["rte"]
+    assert rte["train_examples"] == 8 and rte["dev_examples"] == {"dev": 10}
+    assert [e["epoch"] for e in rte["epochs"]] == [0, 1, 2] and rte["steps"] == 3 * 2
+    assert len({e["score"] for e in rte["epochs"]}) == 1
+    assert rte["reported_epoch"] == 1 and rte["reported"] == "best dev epoch (early stopping)"
+
+
+def test_max_train_examples_is_a_seeded_random_subset() -> None:
+    split = Split("train", [(str(i),) for i in range(100)], list(range(100)))
+    picked = {seed: subsample(split, 10, seed) for seed in (0, 1)}
+    for seed, sub in picked.items():
+        assert sub.labels == sorted(set(sub.labels)) and len(sub.labels) == 10
+        assert sub.texts == [(str(i),) for i in sub.labels]  # rows stay whole
+        assert subsample(split, 10, seed) == sub
+    assert picked[0].labels != picked[1].labels and picked[0].labels != list(range(10))
+    assert subsample(split, 100, 0) is split and subsample(split, None, 0) is split
 
 
 def kind_model(kind: str, vocab: int) -> TransformerLM:
