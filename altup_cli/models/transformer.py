@@ -16,7 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from altup_cli.models.altup import AltUpConfig, Readout, fp32, widen, wrap_layer
+from altup_cli.models.altup import (
+    AltUpConfig,
+    Readout,
+    SequenceAltUpLayer,
+    fp32,
+    widen,
+    wrap_layer,
+)
 from altup_cli.models.feedforward import FFNConfig, build_feedforward, output_std
 from altup_cli.models.product_keys import ExpertUsage, ProductKeyRetrieval
 from altup_cli.models.row_gradients import clear_row_grads
@@ -156,7 +163,13 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer layer: x + attn(norm(x)), then + ffn(norm(x)). Width in = out."""
+    """Pre-norm transformer layer: x + attn(norm(x)), then + ffn(norm(x)). Width in = out.
+
+    `token_mask` (B, T), set by `TransformerLM.features` for the length of one forward,
+    marks the real tokens of a padded batch: the feed-forward layer then runs on those
+    alone, since PEER/PKM query BatchNorm statistics, MoE routing and balance loss and
+    expert usage mix tokens across the batch; padded positions get no feed-forward output.
+    """
 
     def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
         super().__init__()
@@ -164,10 +177,18 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = build_feedforward(cfg, layer_index)
+        self.token_mask: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin)
-        return x + self.ffn(self.ffn_norm(x))
+        return x + self.feedforward(self.ffn_norm(x))
+
+    def feedforward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = self.token_mask
+        if mask is None:
+            return self.ffn(x)
+        y = self.ffn(x[mask])  # (real tokens, d)
+        return y.new_zeros(*mask.shape, y.shape[-1]).index_put((mask,), y)
 
 
 class TransformerLM(nn.Module):
@@ -218,23 +239,39 @@ class TransformerLM(nn.Module):
             h = block(h, cos, sin)
         return h
 
-    def features(self, idx: torch.Tensor) -> torch.Tensor:
+    def features(self, idx: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (B, T) → final-normed hidden states (B, T, d): what the LM head (or a
-        task head) reads."""
+        task head) reads. `mask` (B, T) marks the real tokens of a right-padded batch:
+        padding then reaches no batch statistic (see `Block`), and under causal attention
+        the real positions' states do not depend on the padding at all."""
         if idx.shape[1] > self.config.max_seq_len:
             raise ValueError(
                 f"sequence length {idx.shape[1]} exceeds max_seq_len {self.config.max_seq_len}"
             )
+        if mask is not None and mask.shape != idx.shape:
+            raise ValueError(f"token mask of shape {tuple(mask.shape)} for ids {tuple(idx.shape)}")
         h = self.embed(idx)
         if self.readout is not None:
             h = widen(self.config.altup, h, self.config.d_model)
-        h = self.run_blocks(h)
+        self.set_token_mask(mask)
+        try:
+            h = self.run_blocks(h)
+        finally:
+            self.set_token_mask(None)
         if self.readout is not None:
             h = self.readout(h)
         return self.final_norm(h)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        h = self.features(idx)
+    def set_token_mask(self, mask: torch.Tensor | None) -> None:
+        """Hand each layer's `Block` the mask of the positions it runs on."""
+        if mask is not None:
+            mask = mask.to(device=self.embed.weight.device, dtype=torch.bool)
+        for layer in self.blocks:
+            block = next(m for m in layer.modules() if isinstance(m, Block))
+            block.token_mask = None if mask is None else mask[:, _positions_run(layer)]
+
+    def forward(self, idx: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.features(idx, mask)
         if self.head_from_embedding:
             return F.linear(h, self.embed.weight[:, : self.config.d_model])
         return self.lm_head(h)
@@ -268,6 +305,14 @@ class TransformerLM(nn.Module):
     def num_parameters(self) -> int:
         """Unique trainable parameters (a tied embedding counts once)."""
         return sum(p.numel() for p in self.parameters())
+
+
+def _positions_run(layer: nn.Module) -> slice:
+    """The positions at which a (wrapped) layer runs its Block: Sequence-AltUp and
+    stride-and-skip run it on the anchors o, o+k, o+2k, … (o: the layer's anchor offset)."""
+    if isinstance(layer, SequenceAltUpLayer):
+        return slice(getattr(layer, "_offset", 0), None, layer.stride)
+    return slice(None)
 
 
 def _is_output_proj(name: str) -> bool:

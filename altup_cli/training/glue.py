@@ -76,9 +76,10 @@ class GlueModule(L.LightningModule):
         self.history: list[dict[str, Any]] = []
 
     def pooled(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        h = self.model.features(tokens)
+        # The mask keeps padding out of batch statistics (query BatchNorm, MoE routing).
+        mask = torch.arange(tokens.shape[1], device=tokens.device)[None] < lengths[:, None]
+        h = self.model.features(tokens, mask)
         if self.settings["pooling"] == "mean":
-            mask = torch.arange(tokens.shape[1], device=h.device)[None] < lengths[:, None]
             return (h * mask[..., None]).sum(1) / lengths[:, None]
         return h[torch.arange(len(h), device=h.device), lengths - 1]
 
