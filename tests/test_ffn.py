@@ -182,6 +182,7 @@ def test_moe_balance_loss_is_one_when_uniform() -> None:
 
 def test_expert_usage_and_unevenness_by_hand() -> None:
     usage = ExpertUsage(4)
+    assert not list(usage.buffers())  # DDP would broadcast rank 0's (tests/test_ffn_ddp.py)
     usage.record(torch.tensor([[0, 1], [1, 1]]), torch.tensor([[0.5, 0.5], [0.25, 0.75]]))
     # Totals: expert 0 → 0.5, expert 1 → 1.5, experts 2 and 3 → 0; z = (0.25, 0.75, 0, 0).
     stats = usage.stats()

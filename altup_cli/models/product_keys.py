@@ -131,15 +131,22 @@ class RetrievalLayer(nn.Module):
 
 class ExpertUsage(nn.Module):
     """Summed router weight per expert over the batches since the last `reset` (PEER Table 2):
-    usage = fraction of experts with non-zero total; unevenness = KL(z‖uniform)."""
+    usage = fraction of experts with non-zero total; unevenness = KL(z‖uniform).
+
+    `totals` is this process's own count, a plain tensor rather than a buffer: DDP
+    broadcasts rank 0's buffers before every forward, which would overwrite it (the logger
+    sums the ranks' counts itself). It follows the recorded indices' device.
+    """
 
     def __init__(self, num_experts: int) -> None:
         super().__init__()
-        self.register_buffer("totals", torch.zeros(num_experts), persistent=False)
+        self.totals = torch.zeros(num_experts)
 
     @torch.no_grad()
     def record(self, idx: torch.Tensor, weights: torch.Tensor) -> None:
         if self.training:
+            if self.totals.device != idx.device:
+                self.totals = self.totals.to(idx.device)
             self.totals.index_add_(
                 0, idx.flatten(), weights.detach().flatten().to(self.totals.dtype)
             )
