@@ -7,10 +7,13 @@
   capacity, no dropping). Load balance: the Switch auxiliary loss
   E · Σ_e f_e · P_e (f_e: fraction of the n·k assignments to e, P_e: mean probability),
   which is 1 when routing is uniform.
-- `expert_choice` (Zhou et al. 2022, the routing the PEER paper's MoE baseline used): each
-  expert takes the C = ⌈capacity·k·n/E⌉ tokens it scores highest, weighted by their
-  probability. Balanced by construction (no auxiliary loss). It ranks tokens across the
-  whole batch, so a token's output can depend on later tokens: not causal.
+- `expert_choice` (Zhou et al. 2022): each expert takes the C = min(n, ⌈capacity·k·n/E⌉)
+  tokens it scores highest, weighted by their probability. Balanced by construction (no
+  auxiliary loss). It ranks tokens across the whole batch, so a token's output can depend
+  on later tokens: not causal.
+The defaults (8 experts, top-2 token choice, here and in `conf/ffn/moe.yaml`) are not the
+PEER paper's MoE baseline, which had 128 experts routed by expert choice;
+`ffn.num_experts=128 ffn.routing=expert_choice` takes those two settings (the rest is ours).
 `MoE.forward_naive` runs every expert on every token and masks: the oracle.
 """
 
