@@ -13,7 +13,9 @@ import pytest
 import torch
 
 import altup_cli
+from altup_cli.config import model_preset
 from altup_cli.export import read_checkpoint
+from altup_cli.growth.ops import PRESET_FIELDS
 from altup_cli.training.lm_module import with_rewarm
 from tests.conftest import tiny_overrides
 from tests.test_train import PEER_TINY, _csv_losses, _run_dir
@@ -183,6 +185,34 @@ def test_inexact_growth_needs_the_flag_and_reports_the_change(
     config = read_checkpoint(out / "checkpoints" / "last.ckpt")["altup"]["config"]
     (event,) = config["growth"]["history"]
     assert event["max_abs_dlogits"] > 0
+
+
+def test_grow_to_a_preset_takes_its_shape_and_keeps_the_function(
+    altup, trained: Path, tmp_path: Path
+) -> None:
+    """`--to model=nano` grows the 2-layer width-32 checkpoint to nano's shape (width 128,
+    4 layers of 4 heads of 32, MLP 512) and the grown model computes the same logits."""
+    out = tmp_path / "grown"
+    result = altup("grow", str(trained), "--to", "model=nano", "-o", str(out))
+    assert result.code == 0, result.stderr
+    preset = model_preset("nano")
+    _, cfg = altup_cli.load(out)
+    shape = {f: getattr(cfg, f) for f in PRESET_FIELDS}
+    per_head = preset["d_model"] // preset["n_heads"]
+    assert shape == {**{f: preset[f] for f in PRESET_FIELDS}, "head_dim": per_head,
+                     "v_head_dim": per_head}  # fmt: skip
+    assert per_head == 32 and cfg.n_layers == 4
+    (event,) = read_checkpoint(out / "checkpoints" / "last.ckpt")["altup"]["config"]["growth"][
+        "history"
+    ]
+    assert event["ops"] == ["residual_width=128", "heads=4", "key_dim=32", "value_dim=32",
+                            "mlp_width=512", "layers=4"]  # fmt: skip
+    assert event["max_abs_dlogits"] <= 1e-5
+    small, _ = altup_cli.load(trained)
+    large, _ = altup_cli.load(out)
+    ids = torch.randint(0, cfg.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (large(ids) - small(ids)).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize(
