@@ -134,6 +134,43 @@ def check_options(
             preset_config(preset)
 
 
+SUITES = ("lightning", "altup", "peer", "growth")
+_TIMING = {"--steps", "--warmup", "--batch-size", "--seq-len", "--device"}
+# The options each suite uses; any other given on the command line is refused.
+SUITE_OPTIONS = {
+    "lightning": _TIMING | {"--models", "--repeats"},
+    "altup": _TIMING | {"--models", "--compile"},
+    "peer": {"--repeats", "--batch-size", "--seq-len", "--device"}
+    | {"--d-models", "--experts", "--tokens", "--naive-max"},
+    "growth": set(),
+}
+
+
+def given_options(ctx: Any) -> set[str]:
+    """The options of a click/typer context that were given (on the command line or by
+    environment), not left at their defaults. Sources are compared by name: typer may
+    bring its own copy of click's `ParameterSource`."""
+    defaults = (None, "DEFAULT", "DEFAULT_MAP")
+    return {
+        p.opts[0]
+        for p in ctx.command.params
+        if p.name and getattr(ctx.get_parameter_source(p.name), "name", None) not in defaults
+    }
+
+
+def check_suite_options(suite: str, given: set[str], device: str) -> None:
+    """Refuse, in one line, an option the suite would ignore, and a `--device` naming a
+    GPU for the peer suite (its layers and memory probes run on the CPU, `auto` too)."""
+    if suite not in SUITE_OPTIONS:
+        raise UserError(f"--suite must be {', '.join(SUITES)}, got {suite!r}")
+    unused = sorted(given - SUITE_OPTIONS[suite] - {"--suite"})
+    if unused:
+        uses = ", ".join(sorted(SUITE_OPTIONS[suite])) or "no options"
+        raise UserError(f"{unused[0]} does nothing in the {suite} suite (it uses {uses})")
+    if suite == "peer" and "--device" in given and resolve_device(device).type != "cpu":
+        raise UserError(f"--device {device}: the peer suite runs on the CPU only")
+
+
 def _random_batches(vocab_size: int, batch_size: int, seq_len: int, n: int) -> list[torch.Tensor]:
     """The same `n` batches of token ids for every model timed in one run."""
     g = torch.Generator().manual_seed(1)

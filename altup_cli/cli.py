@@ -324,51 +324,64 @@ Prints ratios (Lightning step vs a bare PyTorch loop on the same model and batch
 
 **Examples**
 
-* `altup bench` — nano, tiny and mini presets on this machine's device.
+* `altup bench` — the tiny and mini presets on this machine's device.
 
 * `altup bench --models tiny,mini --steps 30 --repeats 3`
 
 * `altup bench --suite altup --models mini` — baseline, AltUp K=2, Recycled K=2,
   Sequence-AltUp stride 2 and the dense 2d model, as ratios to the baseline.
 
-* `altup bench --suite peer` — the PEER layer (N = 128² … 1024²) against its naive oracle
-  and dense FFNs of width 4d and h·k, then a full training step with PEER vs dense.
+* `altup bench --suite peer` — the PEER layer (N = 128² … 1024², CPU) beside the public
+  reference implementation (PEER-pytorch, `pip install 'altup[bench]'`; its rows are
+  skipped without it), its naive oracle and dense FFNs of width 4d and h·k, then a full
+  training step with PEER, the reference and dense; every ratio from this run.
 
 * `altup bench --suite peer --d-models 512 --experts 256 --repeats 5`
 
 * `altup bench --suite growth` — max |Δlogits| of every growth transform (and all six
   composed) on nano-sized dense, AltUp, PEER, PKM and MoE models, fp32 and fp64.
+
+An option the chosen suite does not use is refused (exit 2).
 """
 )
 def bench(
-    models: str = typer.Option("tiny,mini", help="Comma-separated model presets."),
-    steps: int = typer.Option(20, help="Timed optimizer steps per measurement."),
-    warmup: int = typer.Option(5, help="Untimed steps before each measurement."),
+    ctx: typer.Context,
+    models: str = typer.Option("tiny,mini", help="lightning, altup: comma-separated presets."),
+    steps: int = typer.Option(20, help="lightning, altup: timed optimizer steps."),
+    warmup: int = typer.Option(5, help="lightning, altup: untimed steps before them."),
     repeats: int = typer.Option(
-        3, help="lightning suite: alternating repetitions (the altup suite interleaves steps)."
+        3, help="lightning: alternating repetitions; peer: interleaved rounds."
     ),
-    batch_size: int = typer.Option(16, help="Sequences per step."),
-    seq_len: int = typer.Option(256, help="Tokens per sequence."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    batch_size: int = typer.Option(
+        16, help="Sequences per step (peer: of its full training step, 4 unless given)."
+    ),
+    seq_len: int = typer.Option(256, help="Tokens per sequence (peer: of its full step)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda (peer: cpu only)."),
     suite: str = typer.Option(
         "lightning",
         help="lightning (vs bare loop), altup (variants), peer (FFN layer) or growth (exactness).",
     ),
-    compile: bool = typer.Option(
-        False, "--compile", help="torch.compile the models (altup suite)."
-    ),
+    compile: bool = typer.Option(False, "--compile", help="altup: torch.compile the models."),
     d_models: str = typer.Option("256,512", help="peer suite: model widths."),
     experts: str = typer.Option("128,256,512,1024", help="peer suite: √N values."),
     tokens: int = typer.Option(1024, help="peer suite: tokens per layer step."),
     naive_max: int = typer.Option(1024, help="peer suite: largest √N the naive oracle runs at."),
 ) -> None:
     """Benchmark training-step throughput."""
-    from altup_cli.benchmark import check_options, run_altup_benchmark, run_benchmark
+    from altup_cli.benchmark import (
+        check_options,
+        check_suite_options,
+        given_options,
+        run_altup_benchmark,
+        run_benchmark,
+    )
 
     presets = [m.strip() for m in models.split(",") if m.strip()]
     counts = {"--steps": steps, "--repeats": repeats, "--batch-size": batch_size}
     counts |= {"--seq-len": seq_len, "--tokens": tokens, "--naive-max": naive_max}
     check_options(suite, presets, counts, warmup, device)
+    given = given_options(ctx)
+    check_suite_options(suite, given, device)
     if suite == "lightning":
         run_benchmark(presets, steps, warmup, repeats, batch_size, seq_len, device)
     elif suite == "altup":
@@ -379,7 +392,8 @@ def bench(
 
         widths, roots = _int_list(d_models, "--d-models"), _int_list(experts, "--experts")
         check_experts(roots)
-        run_peer_benchmark(widths, roots, tokens, repeats, naive_max, 4, 256)
+        batch = batch_size if "--batch-size" in given else 4
+        run_peer_benchmark(widths, roots, tokens, repeats, naive_max, batch, seq_len)
     elif suite == "growth":
         from altup_cli.benchmark_growth import run_growth_benchmark
 
