@@ -2,11 +2,15 @@
 expert/value tables of PEER and PKM (parameters tagged `_sparse_rows`, whose gradients are
 kept factored: `models/row_gradients.py`).
 
-Lazy Adam (as `torch.optim.SparseAdam`, and as PKM trained its values) updates only the
-rows present in the gradient: their moments decay and step, every other row and its
-moments stay untouched, so a step costs O(rows retrieved · d), not O(N · d). The tables get
-their own group with their own LR and no weight decay. Being one `torch.optim.Optimizer`,
-it works with Lightning, LR schedulers and checkpoints unchanged.
+Lazy Adam updates only the rows present in the gradient, like `torch.optim.SparseAdam`
+(and as PKM trained its values): their moments decay and step, every other row and its
+moments stay untouched, so a step costs O(rows retrieved · d), not O(N · d). The step count
+t is one per table (global: it advances on every optimizer step, whichever rows were
+retrieved), so a row's bias correction uses the table's t, not how often that row was seen.
+Its update is AdamW's, lr·m̂/(√v̂ + ε) with ε added after bias correction; SparseAdam adds ε
+before it (lr·√(1−β₂ᵗ)/(1−β₁ᵗ)·m/(√v + ε)), an effective ε larger by 1/√(1−β₂ᵗ) early in
+training. The tables get their own group with their own LR and no weight decay. Being one
+`torch.optim.Optimizer`, it works with Lightning, LR schedulers and checkpoints unchanged.
 """
 
 from __future__ import annotations
