@@ -176,6 +176,57 @@ def test_ddp_on_two_cpu_processes_equals_one_process_with_twice_the_batch(
         assert p["val_loss"] == pytest.approx(q["val_loss"], rel=1e-6, abs=0), p["step"]
 
 
+INDUCTOR = "ALTUP_TEST_INDUCTOR"  # set to 1 to also compile with inductor (~60 s of CPU)
+
+
+@pytest.mark.skipif(
+    not torch._dynamo.is_dynamo_supported(), reason="torch.compile is unavailable here"
+)
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "aot_eager",
+        pytest.param(
+            "inductor",
+            marks=pytest.mark.skipif(
+                not os.environ.get(INDUCTOR),
+                reason=f"inductor's cold C++ compile costs ~60 s of CPU; set {INDUCTOR}=1",
+            ),
+        ),
+    ],
+)
+def test_compiled_training_equals_eager(
+    altup,
+    backend: str,
+    corpus_dir: Path,
+    cache_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """run.compile=true really compiles (dynamo captures graphs), trains the same losses
+    as eager mode and saves the same parameter names (no `_orig_mod.` prefix). aot_eager
+    traces as inductor does but skips its C++ code generation."""
+    from torch._dynamo.utils import counters
+
+    args = [*tiny_overrides(corpus_dir, cache_dir, tmp_path / "x", steps=2), "logger=csv"]
+    assert altup("train", *args, f"run.output_dir={tmp_path / 'eager'}").code == 0
+    compile_ = torch.nn.Module.compile
+    monkeypatch.setattr(
+        torch.nn.Module, "compile", lambda self, **kw: compile_(self, backend=backend, **kw)
+    )
+    counters.clear()
+    result = altup("train", *args, "run.compile=true", f"run.output_dir={tmp_path / 'compiled'}")
+    assert result.code == 0, result.stderr
+    assert counters["stats"]["unique_graphs"] >= 1
+    eager, compiled = _run_dir(tmp_path / "eager"), _run_dir(tmp_path / "compiled")
+    a, b = _csv_losses(eager), _csv_losses(compiled)
+    assert list(a) == [0, 1] and b == pytest.approx(a, rel=1e-5)
+    keys = [
+        read_checkpoint(r / "checkpoints" / "last.ckpt")["state_dict"] for r in (eager, compiled)
+    ]
+    assert list(keys[0]) == list(keys[1])
+
+
 def test_a_crashing_run_is_marked_failed_not_finished(
     altup, corpus_dir: Path, cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
