@@ -227,6 +227,31 @@ def test_compiled_training_equals_eager(
     assert list(keys[0]) == list(keys[1])
 
 
+@pytest.mark.parametrize(
+    "trainer",
+    [
+        ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2"],
+        pytest.param(
+            ["trainer=fsdp"],
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU"),
+        ),
+    ],
+    ids=["cpu", "no-gpu"],
+)
+def test_fsdp_without_a_gpu_is_refused_in_one_line(
+    altup, trainer: list[str], corpus_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    """Lightning's FSDP runs on CUDA only (`strategy fsdp requires a GPU accelerator`), so
+    on CPU it is refused before a run directory exists (it was a Lightning traceback after
+    one: a failed run). Refused before any process launches, so it can run in-process."""
+    outputs = tmp_path / "outputs"
+    result = altup("train", *tiny_overrides(corpus_dir, cache_dir, outputs), *trainer)
+    lines = result.stderr.strip().splitlines()
+    assert result.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert "fsdp" in lines[0] and "gpu" in lines[0].lower()
+    assert not outputs.exists() or not any(outputs.iterdir())
+
+
 def test_a_crashing_run_is_marked_failed_not_finished(
     altup, corpus_dir: Path, cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
