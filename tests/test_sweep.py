@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 
 from altup_cli.errors import UserError
-from altup_cli.sweep.analyze import analyze_rows, bootstrap_exponents, fit_parabola, fit_power_law
+from altup_cli.sweep.analyze import (
+    analyze_rows,
+    bootstrap_exponents,
+    fit_parabola,
+    fit_power_law,
+    summary_rows,
+    undetermined_notes,
+)
 from altup_cli.sweep.plan import plan_sweep
 from tests.conftest import tiny_overrides
 
@@ -120,6 +127,88 @@ def test_power_law_exponents_and_intervals_are_recovered() -> None:
     assert wide[1] - wide[0] > high - low  # more noise, wider interval
 
 
+def isoflop_draw(
+    sizes: tuple[int, ...], rng: np.random.Generator, a: float = 0.6, noise: float = 5e-3
+) -> list[dict]:
+    """One synthetic sweep, `sizes[i]` sizes at the i-th budget (1e15 … 1e18): loss =
+    2 + 0.04·ln²(N / N_opt) + N(0, noise²) with N_opt = 0.1·C^a and F = 6N (so
+    D_opt ∝ C^(1-a)); the sizes are spread ×16 around a centre within ±0.3 in ln N of
+    each budget's N_opt."""
+    rows = []
+    for budget, count in zip(np.geomspace(1e15, 1e18, len(sizes)), sizes, strict=True):
+        n_opt = 0.1 * budget**a
+        centre = n_opt * np.exp(rng.uniform(-0.3, 0.3))
+        for n in centre * np.geomspace(1 / 4, 4, count):
+            loss = 2 + 0.04 * np.log(n / n_opt) ** 2 + rng.normal(0, noise)
+            rows.append({"budget": float(budget), "arch": "dense", "params": n,
+                         "active_params": n, "flops_per_token": 6 * n,
+                         "val_loss": loss})  # fmt: skip
+    return rows
+
+
+@pytest.mark.parametrize("sizes", [(4, 4, 4, 4), (4, 4), (5, 5, 5), (3, 5, 3, 4)])
+def test_bootstrap_intervals_cover_the_true_exponents(sizes: tuple[int, ...]) -> None:
+    """Over 100 synthetic sweeps (`sizes` per budget) the 95% intervals of a and b have
+    width and contain the true exponents (0.6, 0.4) at about their nominal rate: not much
+    less (too narrow), nor every time (too wide to say much). Budgets of 3 sizes have no
+    residuals of their own but are in every replicate."""
+    rng = np.random.default_rng(len(sizes) * 10 + sizes[0])
+    hits = {"a": 0, "b": 0}
+    for _ in range(100):
+        entry = analyze_rows(isoflop_draw(sizes, rng), samples=300)["dense"]["params"]
+        for name, true in (("a", 0.6), ("b", 0.4)):
+            low, high = entry["ci"][name]
+            assert high > low
+            hits[name] += low <= true <= high
+    assert all(85 <= h <= 99 for h in hits.values()), hits
+
+
+@pytest.mark.parametrize(
+    ("sizes", "noise", "why"),
+    [
+        ((3, 3), 5e-3, "3 sizes"),  # each parabola passes through its 3 points
+        ((4, 4, 4), 0.0, "fit the losses exactly"),
+        ((5, 5), 0.3, "no minimum"),  # noise swamps the curvature
+    ],
+)
+def test_intervals_the_data_cannot_bound_are_undetermined(
+    sizes: tuple[int, ...], noise: float, why: str
+) -> None:
+    """Not a zero-width [a, a] (or an arbitrary one): undetermined, with the reason, in
+    fits.json and the summary."""
+    fits = analyze_rows(isoflop_draw(sizes, np.random.default_rng(0), noise=noise), 200)
+    entry = fits["dense"]["params"]
+    assert entry["ci"]["a"] is None and entry["ci"]["b"] is None and why in entry["ci"]["why"]
+    assert all(r["a [95% CI]"].endswith("[undetermined]") for r in summary_rows(fits))
+    assert any(why in note for note in undetermined_notes(fits))
+
+
+def test_a_minimum_outside_the_sizes_is_left_out_of_the_power_law() -> None:
+    """The dearest budget's sizes all lie below its N_opt: its minimum is flagged, and the
+    power laws and intervals are those of the other budgets (its residuals still tell
+    the noise)."""
+    rows = isoflop_draw((5, 5, 5, 5), np.random.default_rng(1))
+    last = max(r["budget"] for r in rows)
+    kept = [r for r in rows if r["budget"] != last]
+    n_opt = 0.1 * last**0.6
+    beyond = [
+        {**kept[0], "budget": last, "params": n, "active_params": n, "flops_per_token": 6 * n,
+         "val_loss": 2 + 0.04 * np.log(n / n_opt) ** 2}
+        for n in n_opt * np.geomspace(1 / 60, 1 / 4, 5)
+    ]  # fmt: skip
+    entry = analyze_rows([*kept, *beyond], samples=200)["dense"]["params"]
+    assert [o["inside"] for o in entry["optima"]] == [True, True, True, False]
+    assert entry["fit_budgets"] == sorted({r["budget"] for r in kept})
+    alone = analyze_rows(kept, samples=200)["dense"]["params"]
+    assert (entry["a"], entry["b"]) == (alone["a"], alone["b"])
+    assert entry["ci"]["a"] is not None and entry["ci"]["residual_dof"] == 4 * (5 - 3)
+    flags = {r["C"]: r["flag"] for r in summary_rows({"dense": {"params": entry}})}
+    assert flags[f"{last:.3g}"] == "outside sizes, not in fit"
+    only_one = analyze_rows([*kept[:5], *beyond], samples=200)  # 1 inside minimum of 2
+    assert "a" not in only_one["dense"]["params"]
+    assert "no power law: 1 of 2 budgets" in undetermined_notes(only_one)[0]
+
+
 def _table(sweep: Path) -> list[dict[str, str]]:
     with (sweep / "results.csv").open() as handle:
         return list(csv.DictReader(handle))
@@ -173,6 +262,12 @@ def test_a_tiny_sweep_runs_end_to_end_and_resumes_after_interruption(
 
     again = altup("sweep", "analyze", str(full), "--samples", "20")
     assert again.code == 0 and "isoFLOP fits" in again.stdout
+    said = " ".join((again.stdout + again.stderr).split())
+    assert "no power law" in said or "undetermined: each budget has 3 sizes" in said
+    fits = (full / "fits.json").read_bytes()
+    refused = altup("sweep", "analyze", str(full), "--samples", "0")
+    assert refused.code == 2 and "--samples" in _errors(refused.stderr)[0]
+    assert (full / "fits.json").read_bytes() == fits
 
 
 def test_submitit_local_executor_runs_points(
@@ -203,6 +298,7 @@ def test_submitit_local_executor_runs_points(
         (["--budgets", "3e8", "--arch", "rnn"], "unknown arch"),
         (["--budgets", "10"], "too small for one step"),
         (["--budgets", "3e8", "--executor", "cloud"], "--executor"),
+        (["--budgets", "3e8", "--samples", "0"], "--samples"),
     ],
 )
 def test_bad_sweeps_start_nothing(

@@ -23,7 +23,7 @@ from typing import Any
 from altup_cli.console import print_table, say
 from altup_cli.errors import UserError
 from altup_cli.files import write_json
-from altup_cli.sweep.analyze import analyze_rows, plot, summary_rows
+from altup_cli.sweep.analyze import analyze_rows, plot, summary_rows, undetermined_notes
 from altup_cli.sweep.execute import EXECUTORS, run_points
 from altup_cli.sweep.plan import SweepPoint, parse_budgets, parse_names, plan_sweep
 from altup_cli.sweep.results import Table, add_result, read_results
@@ -77,6 +77,7 @@ def isoflop(
         raise UserError(f"--executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
     if jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {jobs}")
+    _check_samples(samples)
     budget_list = parse_budgets(budgets)
     arch_list, size_list = parse_names(archs, "--arch"), parse_names(sizes, "--sizes")
     composed = compose_config(overrides, recipe)
@@ -131,6 +132,11 @@ def isoflop(
             f"in {sweep_dir / 'points'}; re-run the same command to retry them)"
         )
     return sweep_dir
+
+
+def _check_samples(samples: int) -> None:
+    if samples < 1:
+        raise UserError(f"--samples must be >= 1 (bootstrap replicates), got {samples}")
 
 
 def _say_damage(table: Table, path: Path) -> None:
@@ -190,6 +196,7 @@ def print_plan(points: list[SweepPoint], done: dict[str, Any], run_flagged: bool
 
 def analyze(sweep_dir: Path, samples: int = 1000) -> dict[str, Any]:
     """Fit, plot, summarise and log a sweep's results table."""
+    _check_samples(samples)
     path = sweep_dir / "results.csv"
     table = read_results(path)
     note = table.damage_note(path, "skipped")
@@ -212,6 +219,8 @@ def _analyze(sweep_dir: Path, rows: list[dict[str, Any]], samples: int) -> dict[
             {k: (lambda r, k=k: r[k]) for k in table[0]},
             table,
         )
+        for note in undetermined_notes(fits):
+            say(f"[yellow]{note}[/yellow]")
     else:
         say("no fit yet: each budget needs at least 3 sizes")
     say(f"fits: {sweep_dir / 'fits.json'}; plots: {', '.join(p.name for p in images)}")

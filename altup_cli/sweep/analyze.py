@@ -1,11 +1,11 @@
 """isoFLOP analysis (Chinchilla approach 2): per budget and arch a parabola of final
 validation loss against log N, its minimum N_opt and L_opt (flagged when outside the
-sampled sizes); across budgets power laws N_opt ∝ C^a and D_opt ∝ C^b with bootstrap
-confidence intervals; PNG plots and a summary, for total and active parameters."""
+sampled sizes); across the budgets whose minimum lies inside their sizes, power laws
+N_opt ∝ C^a and D_opt ∝ C^b with residual-bootstrap 95% intervals (or "undetermined" and
+why); PNG plots and a summary, for total and active parameters."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -57,52 +57,163 @@ def fit_power_law(c: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return float(e), float(np.exp(log_k))
 
 
-def _tokens_at(n_opt: float, n: np.ndarray, f: np.ndarray) -> float:
-    """FLOPs per token at N_opt, from a log-log line through the sampled (N, F)."""
+def _tokens_at(n_opt: Any, n: np.ndarray, f: np.ndarray) -> Any:
+    """FLOPs per token at N_opt (a number or an array), from a log-log line through the
+    sampled (N, F)."""
     slope, intercept = np.polyfit(np.log(n), np.log(f), 1)
-    return float(np.exp(intercept) * n_opt**slope)
+    return np.exp(intercept) * n_opt**slope
 
 
-def optima(rows: list[dict[str, Any]], axis: str) -> list[dict[str, Any]]:
-    """Per budget: the parabola fit and N_opt, L_opt, D_opt = C / F(N_opt)."""
+@dataclass
+class _Budget:
+    """One budget's runs on one parameter axis and their parabola."""
+
+    budget: float
+    n: np.ndarray
+    loss: np.ndarray
+    f: np.ndarray
+    fit: ParabolaFit
+
+
+def _budgets(rows: list[dict[str, Any]], axis: str) -> list[_Budget]:
+    """The budgets with a parabola (at least 3 distinct sizes), cheapest first."""
     out = []
     for budget in sorted({r["budget"] for r in rows}):
         at = [r for r in rows if r["budget"] == budget]
         n = np.array([r[axis] for r in at], dtype=float)
-        fit = fit_parabola(n, np.array([r["val_loss"] for r in at]))
-        if fit is None:
-            continue
-        f = np.array([r["flops_per_token"] for r in at], dtype=float)
-        d_opt = budget / _tokens_at(fit.n_opt, n, f)
-        out.append({"budget": budget, "fit": fit, "n_opt": fit.n_opt, "l_opt": fit.l_opt,
-                    "d_opt": d_opt, "inside": fit.inside})  # fmt: skip
+        loss = np.array([r["val_loss"] for r in at], dtype=float)
+        fit = fit_parabola(n, loss)
+        if fit is not None:
+            f = np.array([r["flops_per_token"] for r in at], dtype=float)
+            out.append(_Budget(budget, n, loss, f, fit))
     return out
+
+
+def optima(rows: list[dict[str, Any]], axis: str) -> list[dict[str, Any]]:
+    """Per budget: the parabola fit and N_opt, L_opt, D_opt = C / F(N_opt)."""
+    return [
+        {"budget": g.budget, "fit": g.fit, "n_opt": g.fit.n_opt, "l_opt": g.fit.l_opt,
+         "d_opt": float(g.budget / _tokens_at(g.fit.n_opt, g.n, g.f)), "inside": g.fit.inside}
+        for g in _budgets(rows, axis)
+    ]  # fmt: skip
+
+
+def scaling_laws(found: list[dict[str, Any]]) -> dict[str, Any]:
+    """N_opt ∝ C^a and D_opt ∝ C^b through the budgets whose minimum lies inside their
+    sizes (an outside one is an extrapolation or merely the best size, not an optimum);
+    empty with fewer than 2 such budgets."""
+    used = [o for o in found if o["inside"]]
+    if len(used) < 2:
+        return {}
+    c = np.array([o["budget"] for o in used])
+    a, k_n = fit_power_law(c, np.array([o["n_opt"] for o in used]))
+    b, k_d = fit_power_law(c, np.array([o["d_opt"] for o in used]))
+    return {"a": a, "k_n": k_n, "b": b, "k_d": k_d, "fit_budgets": [o["budget"] for o in used]}
 
 
 def bootstrap_exponents(
     rows: list[dict[str, Any]], axis: str, samples: int = 1000, seed: int = 0
-) -> dict[str, list[float]]:
-    """Percentile 95% intervals of a and b: resample each budget's runs with replacement,
-    refit the parabolas and the power laws."""
+) -> dict[str, Any]:
+    """95% intervals of a and b by a residual bootstrap that keeps every budget in every
+    replicate: each budget's parabola is refitted to its fitted losses plus residuals drawn
+    from all budgets' pooled residuals, giving N_opt and D_opt per budget, then the power
+    laws (over the budgets `scaling_laws` uses). `a`/`b` are None, with `why`, when the
+    data cannot tell: no residuals (3 sizes everywhere), an exact fit, fewer than 2 budgets
+    with an inside minimum, or too many replicates without a minimum."""
+    groups = _budgets(rows, axis)
+    used = [g for g in groups if g.fit.inside]
+    noise, dof = _pooled_residuals(groups)
+    why = _why_undetermined(groups, used, noise, dof)
+    if why:
+        return {"a": None, "b": None, "why": why}
     rng = np.random.default_rng(seed)
-    by_budget = {b: [r for r in rows if r["budget"] == b] for b in {r["budget"] for r in rows}}
-    a_values, b_values = [], []
-    for _ in range(samples):
-        resampled = [at[i] for at in by_budget.values() for i in rng.integers(0, len(at), len(at))]
-        found = optima(resampled, axis)
-        if len(found) < 2:
-            continue
-        c = np.array([o["budget"] for o in found])
-        a_values.append(fit_power_law(c, np.array([o["n_opt"] for o in found]))[0])
-        b_values.append(fit_power_law(c, np.array([o["d_opt"] for o in found]))[0])
-    interval = {}
-    for name, values in (("a", a_values), ("b", b_values)):
-        interval[name] = (
-            [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
-            if values
-            else [math.nan, math.nan]
+    # σ̂ is itself estimated from `dof` residuals: drawing σ*² = σ̂²·dof/χ²_dof per replicate
+    # widens the interval as Student's t would when dof is small.
+    scale = np.sqrt(dof / rng.chisquare(dof, samples))
+    log_c = np.log([g.budget for g in used])
+    log_n = np.array([_replicate_log_n_opt(g, noise, scale, rng) for g in used])
+    log_f = np.log([_tokens_at(np.exp(ln), g.n, g.f) for g, ln in zip(used, log_n, strict=True)])
+    result: dict[str, Any] = {
+        "a": _interval(_slopes(log_c, log_n)),
+        "b": _interval(_slopes(log_c, log_c[:, None] - log_f)),
+        "replicates": samples,
+        "residual_dof": dof,
+        "no_minimum": int(np.isnan(log_n).any(axis=0).sum()),
+    }
+    if result["a"] is None or result["b"] is None:
+        result["why"] = (
+            f"in {result['no_minimum']} of {samples} replicates a budget's parabola had no "
+            "minimum: the noise is as large as the curvature"
         )
-    return interval
+    return result
+
+
+def _why_undetermined(
+    groups: list[_Budget], used: list[_Budget], noise: np.ndarray, dof: int
+) -> str | None:
+    """Why the data cannot bound the exponents (None when they can)."""
+    if len(used) < 2:
+        return "fewer than 2 budgets have their minimum inside their sizes"
+    if dof == 0:
+        return (
+            "each budget has 3 sizes, which its parabola fits exactly: no residuals tell the "
+            "noise (a 4th size at some budget does)"
+        )
+    losses = np.concatenate([g.loss for g in groups])
+    if np.sqrt(np.mean(noise**2)) <= 1e-9 * np.mean(np.abs(losses)):
+        return "the parabolas fit the losses exactly: no noise to resample"
+    return None
+
+
+def _pooled_residuals(groups: list[_Budget]) -> tuple[np.ndarray, int]:
+    """Every budget's residuals divided by √(1 − leverage) (so each has the noise's
+    variance), centred and scaled to the pooled σ̂² = RSS / dof; and dof = Σ (runs − 3).
+    A budget with exactly 3 sizes has none (its parabola passes through them)."""
+    modified, rss, dof = [], 0.0, 0
+    for g in groups:
+        x = np.vander(np.log(g.n), 3)
+        residual = g.loss - x @ np.linalg.lstsq(x, g.loss, rcond=None)[0]
+        leverage = np.einsum("ij,ji->i", x, np.linalg.pinv(x))
+        keep = leverage < 1 - 1e-9
+        modified.append(residual[keep] / np.sqrt(1 - leverage[keep]))
+        rss += float(np.sum(residual**2))
+        dof += len(g.n) - 3
+    if dof == 0:
+        return np.zeros(0), 0
+    e = np.concatenate(modified)
+    e = e - e.mean()
+    rms = np.sqrt(np.mean(e**2))
+    return (e * np.sqrt(rss / dof) / rms if rms > 0 else e), dof
+
+
+def _replicate_log_n_opt(
+    g: _Budget, noise: np.ndarray, scale: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """ln N_opt of the budget's parabola refitted to fitted + resampled residuals, one per
+    replicate (NaN where the refitted parabola opens downwards: no minimum)."""
+    x = np.vander(np.log(g.n), 3)
+    fitted = x @ np.array([g.fit.a, g.fit.b, g.fit.c])
+    draws = fitted[:, None] + noise[rng.integers(0, noise.size, (len(g.n), scale.size))] * scale
+    quad, lin, _ = np.linalg.pinv(x) @ draws
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(quad > 0, -lin / (2 * quad), np.nan)
+
+
+def _slopes(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least-squares slope of each column of y (budgets × replicates) against x."""
+    xc = x - x.mean()
+    return (xc[:, None] * (y - y.mean(0))).sum(0) / (xc**2).sum()
+
+
+def _interval(values: np.ndarray) -> list[float] | None:
+    """The 2.5th and 97.5th percentiles, counting a replicate without a value (no minimum
+    somewhere) against the interval: as −∞ for the low end and +∞ for the high end. None
+    when either end is then unbounded or the interval has no width."""
+    finite = values[np.isfinite(values)]
+    missing = np.full(values.size - finite.size, np.inf)
+    low = float(np.quantile(np.concatenate([finite, -missing]), 0.025, method="lower"))
+    high = float(np.quantile(np.concatenate([finite, missing]), 0.975, method="higher"))
+    return [low, high] if np.isfinite(low) and np.isfinite(high) and high > low else None
 
 
 def analyze_rows(rows: list[dict[str, Any]], samples: int = 1000) -> dict[str, Any]:
@@ -117,12 +228,10 @@ def analyze_rows(rows: list[dict[str, Any]], samples: int = 1000) -> dict[str, A
                 "optima": [
                     {**{k: v for k, v in o.items() if k != "fit"}, "fit": asdict(o["fit"])}
                     for o in found
-                ]
+                ],
+                **scaling_laws(found),
             }
-            if len(found) >= 2:
-                c = np.array([o["budget"] for o in found])
-                entry["a"], entry["k_n"] = fit_power_law(c, np.array([o["n_opt"] for o in found]))
-                entry["b"], entry["k_d"] = fit_power_law(c, np.array([o["d_opt"] for o in found]))
+            if "a" in entry:
                 entry["ci"] = bootstrap_exponents(of_arch, axis, samples)
             result[arch][axis] = entry
     return result
@@ -164,26 +273,35 @@ def plot(rows: list[dict[str, Any]], fits: dict[str, Any], out_dir: Path) -> lis
             plt.close(fig)
             paths.append(path)
         entry = by_axis["params"]
-        if "a" in entry:
+        if len(entry["optima"]) >= 2:
             paths.append(_scaling_plot(arch, entry, out_dir, plt))
     return paths
 
 
 def _scaling_plot(arch: str, entry: dict[str, Any], out_dir: Path, plt: Any) -> Path:
+    """N_opt and D_opt against C: fitted minima filled, outside ones hollow red, and the
+    power law where at least 2 budgets have an inside minimum."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
     c = np.array([o["budget"] for o in entry["optima"]])
+    inside = np.array([o["inside"] for o in entry["optima"]])
     grid = np.geomspace(c.min(), c.max(), 50)
     for ax, key, exp, coef, label in (
-        (axes[0], "n_opt", entry["a"], entry["k_n"], "N_opt (total parameters)"),
-        (axes[1], "d_opt", entry["b"], entry["k_d"], "D_opt (tokens)"),
+        (axes[0], "n_opt", "a", "k_n", "N_opt (total parameters)"),
+        (axes[1], "d_opt", "b", "k_d", "D_opt (tokens)"),
     ):
-        ax.scatter(c, [o[key] for o in entry["optima"]])
-        ax.plot(grid, coef * grid**exp, label=f"∝ C^{exp:.2f}")
+        values = np.array([o[key] for o in entry["optima"]])
+        ax.scatter(c[inside], values[inside])
+        if not inside.all():
+            ax.scatter(c[~inside], values[~inside], facecolors="none", edgecolors="red",
+                       label="outside sizes (not fitted)")  # fmt: skip
+        if exp in entry:
+            ax.plot(grid, entry[coef] * grid ** entry[exp], label=f"∝ C^{entry[exp]:.2f}")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("training FLOPs C")
         ax.set_ylabel(label)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.suptitle(f"compute-optimal scaling: {arch}")
     fig.tight_layout()
     path = out_dir / f"scaling_{arch}.png"
@@ -200,15 +318,34 @@ def summary_rows(fits: dict[str, Any]) -> list[dict[str, str]]:
                 rows.append({
                     "arch": arch, "axis": axis, "C": f"{o['budget']:.3g}",
                     "N_opt": f"{o['n_opt']:.3g}", "D_opt": f"{o['d_opt']:.3g}",
-                    "L_opt": f"{o['l_opt']:.4f}", "flag": "" if o["inside"] else "outside sizes",
+                    "L_opt": f"{o['l_opt']:.4f}",
+                    "flag": "" if o["inside"] else "outside sizes, not in fit",
                     "a [95% CI]": _exponent(entry, "a"), "b [95% CI]": _exponent(entry, "b"),
                 })  # fmt: skip
     return rows
 
 
+def undetermined_notes(fits: dict[str, Any]) -> list[str]:
+    """One line per arch and axis whose power law or intervals are undetermined: why."""
+    notes = []
+    for arch, by_axis in fits.items():
+        for axis, entry in by_axis.items():
+            inside = sum(o["inside"] for o in entry["optima"])
+            if "a" not in entry and len(entry["optima"]) >= 2:
+                notes.append(
+                    f"{arch} ({axis}): no power law: {inside} of {len(entry['optima'])} "
+                    "budgets have their minimum inside their sizes (2 are needed)"
+                )
+            elif "why" in entry.get("ci", {}):
+                notes.append(f"{arch} ({axis}): 95% intervals undetermined: {entry['ci']['why']}")
+    return notes
+
+
 def _exponent(entry: dict[str, Any], name: str) -> str:
     if name not in entry:
         return "—"
+    if entry["ci"][name] is None:
+        return f"{entry[name]:.2f} [undetermined]"
     low, high = entry["ci"][name]
     return f"{entry[name]:.2f} [{low:.2f}, {high:.2f}]"
 
