@@ -287,6 +287,28 @@ def test_submitit_local_executor_runs_points(
     assert list((sweep / "submitit").glob("*/*_result.pkl"))
 
 
+def test_local_executor_runs_points_in_parallel_processes(
+    altup, corpus_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    """`--executor local --jobs 2`: both points train in their own processes, are recorded,
+    and give the table the in-process executor gives (timings aside)."""
+    args = sweep_args(corpus_dir, cache_dir, tmp_path / "out")
+    options = ["--budgets", "1e8", "--sizes", "d16x1,d24x1", "--arch", "dense",
+               "--min-steps", "5", "--samples", "20"]  # fmt: skip
+    tables = {}
+    for executor in (["local", "--jobs", "2"], ["inprocess"]):
+        sweep = tmp_path / executor[0]
+        result = altup("sweep", "isoflop", *args, *options, "--executor", *executor,
+                       "--dir", str(sweep))  # fmt: skip
+        assert result.code == 0, result.stderr
+        timing = ("tokens_per_second", "wall_seconds")
+        tables[executor[0]] = [{k: v for k, v in r.items() if k not in timing}
+                               for r in sorted(_table(sweep), key=lambda r: r["key"])]  # fmt: skip
+    assert [r["size"] for r in tables["local"]] == ["d16x1", "d24x1"]
+    assert sorted((tmp_path / "local" / "points").glob("*.log"))  # each point's own process
+    assert tables["local"] == tables["inprocess"]
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
