@@ -4,8 +4,15 @@ FlopCounterMode in the tests), tokens D = C / F rounded to whole optimizer steps
 LR schedule sized to the run. Points with too few steps or more tokens than the corpus
 holds are flagged, not silently run.
 
-FLOP convention: every matrix product a token executes, forward + backward = 3 × forward,
-embeddings and attention included (Chinchilla's), active experts only for sparse layers.
+FLOP convention (`models.counting`): 2 FLOPs per multiply-add of every matrix product a
+token executes, training = forward + backward = 3 × forward. Counted: attention projections
+and scores (over the full T×T square), the MLP, for sparse layers their routing (with
+product keys' candidate sums) and the active experts only, AltUp's predict/correct, and
+the LM head (d × vocab). Not counted: the input-embedding lookup (0 FLOPs; Chinchilla
+counts it as a d × vocab product, so F here is 6·d·vocab per token below Chinchilla's),
+norms, softmax and rotary.
+
+A step trains batch × seq_len × accumulate tokens on each of devices × nodes processes.
 """
 
 from __future__ import annotations
