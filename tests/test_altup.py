@@ -1,17 +1,22 @@
 """AltUp's properties: K=1 and Recycled-at-init are the baseline, predict/correct match a
 loop-based reference of the paper's equations, gradients reach everything, Sequence-AltUp
-is causal, and the stored block schedule survives a round trip."""
+is causal, matches a per-token reference and (with rotating anchors, the conf default)
+lets every token reach every later position, the stored block schedule and anchor offsets
+survive a round trip."""
 
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 import altup_cli
+from altup_cli.config import compose_config
 from altup_cli.models import ModelConfig, TransformerLM, parameter_counts, training_flops_per_token
 from altup_cli.models.altup import AltUpConfig, AltUpLayer, SequenceAltUpLayer
 from altup_cli.training.optim import param_groups
@@ -149,12 +154,27 @@ def test_scalars_are_fp32_and_out_of_weight_decay() -> None:
     assert all(m.blocks[0].predictor.dtype == torch.float32 for _ in [0])
 
 
-@pytest.mark.parametrize("mode", ["sequence", "stride_skip"])
-@pytest.mark.parametrize("stride", [2, 3])
-def test_sequence_altup_is_causal(mode: str, stride: int) -> None:
-    m = model(mode, stride=stride)
+SEQUENCE_CASES = list(itertools.product(["sequence", "stride_skip"], ["fixed", "rotating"], [2, 3]))
+
+
+def randomise_sequence_scalars(m: TransformerLM) -> None:
+    with torch.no_grad():
+        for i, layer in enumerate(m.blocks):
+            layer.predictor.copy_(torch.tensor([0.9 + 0.05 * i, 0.2]))
+            layer.corrector.fill_(0.8)
+
+
+def sequence_model(mode: str, anchors: str, stride: int) -> TransformerLM:
+    """4 layers ≥ stride: with rotating anchors every residue class is an anchor somewhere."""
+    m = model(mode, stride=stride, anchors=anchors)
     if mode == "sequence":
         randomise_sequence_scalars(m)
+    return m
+
+
+@pytest.mark.parametrize(("mode", "anchors", "stride"), SEQUENCE_CASES)
+def test_sequence_altup_is_causal(mode: str, anchors: str, stride: int) -> None:
+    m = sequence_model(mode, anchors, stride)
     ids = IDS[:, :22]  # 22 is not a multiple of 3: a partial last stride
     with torch.no_grad():
         base = m(ids)
@@ -166,33 +186,89 @@ def test_sequence_altup_is_causal(mode: str, stride: int) -> None:
             assert not torch.allclose(out[:, t], base[:, t]), t
 
 
-def randomise_sequence_scalars(m: TransformerLM) -> None:
+def reach(m: TransformerLM, ids: torch.Tensor) -> list[set[int]]:
+    """For each position j, the positions whose logits move when token j changes."""
     with torch.no_grad():
-        for i, layer in enumerate(m.blocks):
-            layer.predictor.copy_(torch.tensor([0.9 + 0.05 * i, 0.2]))
-            layer.corrector.fill_(0.8)
+        base = m(ids)
+        moved = []
+        for j in range(ids.shape[1]):
+            changed = ids.clone()
+            changed[:, j] = (changed[:, j] + 1) % 301
+            delta = (m(changed) - base).abs().amax(dim=(0, 2))
+            moved.append({t for t in range(ids.shape[1]) if delta[t] > 0})
+    return moved
 
 
-def test_sequence_altup_matches_a_per_token_reference() -> None:
-    m = model("sequence", stride=3)
-    randomise_sequence_scalars(m)
-    ids = IDS[:, :22]
-    with torch.no_grad():
-        x = m.embed(ids)
-        cos, sin = m.rotary.cos_sin(22, ids.device)
-        for layer in m.blocks:
-            anchors = list(range(0, 22, 3))
-            y_anchor = layer.layer(x[:, anchors], cos[anchors], sin[anchors])  # original positions
+def expected_reach(mode: str, anchors: str, k: int, j: int, T: int) -> set[int]:
+    """Sequence-AltUp with rotating anchors sees the whole causal context. With fixed
+    anchors a non-anchor token reaches no other position. Stride-and-skip mixes only the
+    tokens of a layer's anchor class, so a token reaches only later tokens of its class."""
+    if anchors == "fixed" and j % k:
+        return {j}
+    if mode == "sequence":
+        return set(range(j, T))
+    return {t for t in range(j, T) if t % k == j % k}
+
+
+@pytest.mark.parametrize(("mode", "anchors", "stride"), SEQUENCE_CASES)
+def test_which_earlier_tokens_each_position_sees(mode: str, anchors: str, stride: int) -> None:
+    m, T = sequence_model(mode, anchors, stride), 22
+    for j, moved in enumerate(reach(m, IDS[:, :T])):
+        assert moved == expected_reach(mode, anchors, stride, j, T), j
+
+
+@pytest.mark.parametrize("stride", [2, 3])
+def test_default_sequence_altup_sees_every_earlier_token(stride: int) -> None:
+    """The conf files' default (rotating anchors), at identity init as a new run starts."""
+    cfg = compose_config(["altup=sequence_s2", f"altup.stride={stride}"])
+    torch.manual_seed(0)
+    altup = OmegaConf.to_container(cfg.altup)
+    m = TransformerLM(ModelConfig.from_dict({**BASE, "altup": altup})).eval()
+    assert m.config.altup.anchors == "rotating"
+    for j, moved in enumerate(reach(m, IDS[:, :22])):
+        assert moved == set(range(j, 22)), j
+
+
+@pytest.mark.parametrize("group", ["off", "k2", "recycled_k2", "sequence_s2", "stride_skip_s2"])
+def test_new_runs_default_to_rotating_anchors(group: str) -> None:
+    assert compose_config([f"altup={group}"]).altup.anchors == "rotating"
+
+
+def sequence_reference(m: TransformerLM, ids: torch.Tensor) -> torch.Tensor:
+    """Sequence-AltUp / stride-and-skip token by token: layer ℓ's anchors are the tokens
+    t ≡ o (mod k), o = ℓ mod k (rotating) or 0 (fixed), at their original positions; a
+    token takes the last anchor at or before it; one before the first anchor passes through."""
+    a, T = m.config.altup, ids.shape[1]
+    x = m.embed(ids)
+    cos, sin = m.rotary.cos_sin(T, ids.device)
+    for ell, layer in enumerate(m.blocks):
+        o = ell % a.stride if a.anchors == "rotating" else 0
+        anchors = list(range(o, T, a.stride))
+        if not anchors:
+            continue
+        y_anchor = layer.layer(x[:, anchors], cos[anchors], sin[anchors])
+        out = x.clone()
+        for t in range(o, T):
+            i = max(i for i, s in enumerate(anchors) if s <= t)
+            x_a = x[:, anchors[i]]
+            if a.mode == "stride_skip":
+                out[:, t] = y_anchor[:, i] if anchors[i] == t else x[:, t]
+                continue
             (alpha, beta), gamma = layer.predictor, layer.corrector
-            out = torch.empty_like(x)
-            for t in range(22):
-                a = anchors.index(t // 3 * 3)
-                x_a = x[:, anchors[a]]
-                innovation = y_anchor[:, a] - (alpha + beta) * x_a
-                out[:, t] = alpha * x[:, t] + beta * x_a + gamma * innovation
-            x = out
-        expected = m.lm_head(m.final_norm(x))
-        torch.testing.assert_close(m(ids), expected, rtol=1e-5, atol=1e-5)
+            innovation = y_anchor[:, i] - (alpha + beta) * x_a
+            out[:, t] = alpha * x[:, t] + beta * x_a + gamma * innovation
+        x = out
+    return m.lm_head(m.final_norm(x))
+
+
+@pytest.mark.parametrize(("mode", "anchors", "stride"), SEQUENCE_CASES)
+@pytest.mark.parametrize("T", [22, 2])
+def test_sequence_altup_matches_a_per_token_reference(mode, anchors, stride, T) -> None:
+    """T=2 at stride 3: layer 2's anchors (t ≡ 2) all lie past the end."""
+    m = sequence_model(mode, anchors, stride)
+    ids = IDS[:, :T]
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids), sequence_reference(m, ids), rtol=1e-5, atol=1e-5)
 
 
 def test_stride_and_skip_passes_skipped_tokens_through() -> None:
@@ -222,6 +298,47 @@ def test_block_schedule_survives_export_and_checkpoint(tmp_path: Path) -> None:
     assert int(fresh.blocks[3].active_block) == 2
 
 
+def test_anchor_offsets_survive_export_and_checkpoint(tmp_path: Path) -> None:
+    m = model("sequence", stride=3, anchors="rotating")
+    randomise_sequence_scalars(m)
+    assert [int(layer.anchor_offset) for layer in m.blocks] == [0, 1, 2, 0]
+    m.blocks[3].set_anchor_offset(2)  # as after growth inserted a layer: not ℓ mod k any more
+    ids = IDS[:, :22]
+    altup_cli.save_export(m, tmp_path / "export")
+    loaded, cfg = altup_cli.load(tmp_path / "export")
+    assert [int(layer.anchor_offset) for layer in loaded.blocks] == [0, 1, 2, 2]
+    assert cfg.altup.anchors == "rotating"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), m(ids), rtol=0, atol=0)
+        torch.save(m.state_dict(), tmp_path / "sd.pt")
+        fresh = model("sequence", stride=3, anchors="rotating", seed=1)
+        fresh.load_state_dict(torch.load(tmp_path / "sd.pt", weights_only=True))
+        torch.testing.assert_close(fresh(ids), m(ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["sequence", "stride_skip"])
+def test_a_config_without_anchors_loads_as_fixed(tmp_path: Path, mode: str) -> None:
+    """Exports and checkpoints from before `altup.anchors` keep their fixed anchors (and
+    their state dict: no per-layer offsets)."""
+    fixed = model(mode, stride=2, anchors="fixed")
+    assert not any("anchor_offset" in key for key in fixed.state_dict())
+    altup_cli.save_export(fixed, tmp_path)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    del meta["model"]["altup"]["anchors"]
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    loaded, cfg = altup_cli.load(tmp_path)
+    assert cfg.altup.anchors == "fixed"
+    assert ModelConfig.from_dict({**BASE, "altup": {"mode": mode}}).altup.anchors == "fixed"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS), fixed(IDS), rtol=0, atol=0)
+    assert reach(loaded, IDS[:, :6])[1] == {1}  # the old behaviour: a non-anchor is unseen
+
+
+def test_anchors_must_be_fixed_or_rotating() -> None:
+    with pytest.raises(ValueError, match=r"altup\.anchors must be fixed or rotating"):
+        AltUpConfig(mode="sequence", anchors="shifted")
+
+
 FLOP_CASES = [
     dict(mode="altup", K=2),
     dict(mode="altup", K=3, readout="concat"),
@@ -230,22 +347,32 @@ FLOP_CASES = [
     dict(mode="sequence", stride=2),
     dict(mode="sequence", stride=3),
     dict(mode="stride_skip", stride=4),
+    dict(mode="sequence", stride=2, anchors="rotating"),
+    dict(mode="sequence", stride=3, anchors="rotating"),
+    dict(mode="stride_skip", stride=4, anchors="rotating"),
 ]
 
 
-@pytest.mark.parametrize("altup", FLOP_CASES)
+def flop_case(altup: dict, T: int) -> object:
+    """Rotating anchors put ⌈(T − ℓ mod k)/k⌉ anchors in layer ℓ: fewer than ⌈T/k⌉ in some
+    layers when k ∤ T, which models/counting.py does not count yet (reported, issue 14)."""
+    uncounted = altup.get("anchors") == "rotating" and T % altup["stride"] > 0
+    marks = pytest.mark.xfail(strict=True, reason="per-layer anchor counts") if uncounted else ()
+    return pytest.param(altup, T, marks=marks)
+
+
+@pytest.mark.parametrize(
+    ("altup", "T"), [flop_case(altup, T) for altup in FLOP_CASES for T in (23, 24, 2)]
+)
 @pytest.mark.parametrize("tie", [True, False])
-def test_flops_and_parameters_are_counted(altup: dict, tie: bool) -> None:
+def test_flops_and_parameters_are_counted(altup: dict, T: int, tie: bool) -> None:
     cfg = ModelConfig(**{**BASE, "tie_embeddings": tie}, altup=AltUpConfig(**altup))
     m = TransformerLM(cfg)
     assert parameter_counts(cfg)["total"] == m.num_parameters()
-    for T in (23, 24):
-        ids = torch.randint(0, 301, (2, T))
-        counter = count_flops(
-            lambda ids=ids: F.cross_entropy(m(ids).flatten(0, 1), ids.flatten()).backward()
-        )
-        expected = training_flops_per_token(cfg, T)["total"] * 2 * T
-        assert counter.get_total_flops() == pytest.approx(expected, rel=1e-12)
+    ids = torch.randint(0, 301, (2, T))
+    counter = count_flops(lambda: F.cross_entropy(m(ids).flatten(0, 1), ids.flatten()).backward())
+    expected = training_flops_per_token(cfg, T)["total"] * 2 * T
+    assert counter.get_total_flops() == pytest.approx(expected, rel=1e-12)
 
 
 def test_wide_embedding_costs_parameters_and_recycled_does_not() -> None:

@@ -8,7 +8,10 @@ block-first as (K, B, T, d). Each layer ℓ (§3, Alg. 1):
 j* is the layer's activated block, stored as a buffer so growth can insert layers without
 renumbering. Sequence-AltUp applies the same trick along the sequence: the layer runs on
 every k-th token (anchors) and the other tokens are predicted and corrected from their
-anchor; stride-and-skip is the baseline where skipped tokens pass through.
+anchor; stride-and-skip is the baseline where skipped tokens pass through. In a causal LM
+fixed anchors (t ≡ 0 mod k in every layer) leave a non-anchor token unseen by every later
+position; rotating anchors (layer ℓ's at t ≡ ℓ mod k, stored per layer) make every token
+an anchor in some layer.
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ MODES = ("off", "altup", "recycled", "sequence", "stride_skip")
 SCHEDULES = ("alternating", "same")
 LAYER_INPUTS = ("original", "predicted")
 READOUTS = ("sum", "mean", "first", "concat")
+ANCHORS = ("fixed", "rotating")
 
 
 @dataclass
 class AltUpConfig:
     """`off`: the plain model. `altup`: a V×(K·d) embedding. `recycled`: the width-d
-    embedding replicated K times. `sequence` / `stride_skip`: anchors every `stride` tokens."""
+    embedding replicated K times. `sequence` / `stride_skip`: anchors every `stride` tokens,
+    at t ≡ 0 (`fixed`: what configs from before `anchors` existed mean) or t ≡ ℓ mod k."""
 
     mode: str = "off"
     K: int = 2
@@ -36,6 +41,7 @@ class AltUpConfig:
     layer_input: str = "original"
     readout: str = "sum"
     stride: int = 2
+    anchors: str = "fixed"
 
     def __post_init__(self) -> None:
         checks = [
@@ -56,6 +62,10 @@ class AltUpConfig:
             (
                 self.readout in READOUTS,
                 f"altup.readout must be one of {', '.join(READOUTS)}, got {self.readout!r}",
+            ),
+            (
+                self.anchors in ANCHORS,
+                f"altup.anchors must be fixed or rotating, got {self.anchors!r}",
             ),
         ]
         for ok, message in checks:
@@ -209,21 +219,53 @@ class _Mix(torch.autograd.Function):
 
 
 class SequenceAltUpLayer(nn.Module):
-    """The layer runs on anchors (tokens 0, k, 2k, …) at their original rotary positions.
+    """The layer runs on anchors (tokens o, o+k, o+2k, …) at their original rotary positions.
 
-    `sequence`: every token t with anchor a = ⌊t/k⌋·k ≤ t (causal) is predicted as
+    `sequence`: every token t with anchor a = o + ⌊(t−o)/k⌋·k ≤ t (causal) is predicted as
     x̂_t = α·x_t + β·x_a and corrected with the anchor's innovation: y_t = x̂_t + γ·(ỹ_a − x̂_a).
-    `stride_skip`: anchors take ỹ_a, the other tokens pass through unchanged.
+    `stride_skip`: anchors take ỹ_a, the other tokens pass through unchanged. Tokens before
+    the first anchor (t < o) have no anchor at or before them: they pass through.
+    The offset o is 0 (`fixed`: no buffer, the state dict of before `anchors`) or stored per
+    layer (`rotating`, so growth can insert layers), mirrored as `_offset` like the AltUp
+    active block.
     """
 
-    def __init__(self, layer: nn.Module, stride: int, skip_only: bool) -> None:
+    def __init__(
+        self, layer: nn.Module, stride: int, skip_only: bool, offset: int | None = None
+    ) -> None:
         super().__init__()
         self.layer, self.stride, self.skip_only = layer, stride, skip_only
         if not skip_only:
             self.predictor = _scalar(torch.tensor([1.0, 0.0]))  # (α, β): x̂_t = x_t
             self.corrector = _scalar(torch.tensor(1.0))  # γ
+        self._offset = 0
+        if offset is not None:
+            self.register_buffer("anchor_offset", torch.tensor([offset]), persistent=True)
+            self._offset = offset
+            self.register_load_state_dict_post_hook(lambda module, _: module.sync_offset())
+
+    def sync_offset(self) -> None:
+        if hasattr(self, "anchor_offset"):
+            self._offset = int(self.anchor_offset)
+
+    def set_anchor_offset(self, offset: int) -> None:
+        with torch.no_grad():
+            self.anchor_offset.fill_(offset)
+        self._offset = offset
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        o = self._offset
+        if o == 0:
+            return self._from_first_token(x, cos, sin)
+        if o >= x.shape[1]:
+            return x  # no anchor in a sequence this short: every token passes through
+        tail = self._from_first_token(x[:, o:], cos[o:], sin[o:])
+        return torch.cat([x[:, :o], tail], dim=1)
+
+    def _from_first_token(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        """Anchors at tokens 0, k, 2k, … of `x`."""
         k, T = self.stride, x.shape[1]
         anchors = x[:, ::k]
         anchor_out = self.layer(anchors, cos[::k], sin[::k])
@@ -246,12 +288,25 @@ def active_block(cfg: AltUpConfig, layer_index: int) -> int:
     return layer_index % cfg.K if cfg.schedule == "alternating" else 0
 
 
+def anchor_offset(cfg: AltUpConfig, layer_index: int) -> int | None:
+    """Layer ℓ's first anchor: ℓ mod k when rotating, so every token is an anchor in some
+    layer once there are ≥ k layers; None (always 0, not stored) when fixed."""
+    return layer_index % cfg.stride if cfg.anchors == "rotating" else None
+
+
+def anchor_count(seq_len: int, stride: int, offset: int) -> int:
+    """Anchors o, o+k, … below T: ⌈(T − o)/k⌉ (0 when o ≥ T). With rotating offsets a partial
+    last stride gives some layers one anchor fewer than ⌈T/k⌉."""
+    return max(0, -(-(seq_len - offset) // stride))
+
+
 def wrap_layer(cfg: AltUpConfig, layer: nn.Module, layer_index: int) -> nn.Module:
     """The layer as the configured AltUp variant runs it (unchanged when AltUp is off)."""
     if cfg.mode in ("altup", "recycled"):
         return AltUpLayer(layer, cfg.K, active_block(cfg, layer_index), cfg.layer_input)
     if cfg.mode in ("sequence", "stride_skip"):
-        return SequenceAltUpLayer(layer, cfg.stride, skip_only=cfg.mode == "stride_skip")
+        skip_only, offset = cfg.mode == "stride_skip", anchor_offset(cfg, layer_index)
+        return SequenceAltUpLayer(layer, cfg.stride, skip_only, offset)
     return layer
 
 
