@@ -2,7 +2,8 @@
 loop-based reference of the paper's equations, gradients reach everything, Sequence-AltUp
 is causal, matches a per-token reference and (with rotating anchors, the conf default)
 lets every token reach every later position, the stored block schedule and anchor offsets
-survive a round trip."""
+survive a round trip, and the scalars and the mixing stay fp32 under bf16 casts and
+autocast."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from torch import nn
 
 import altup_cli
 from altup_cli.config import compose_config
@@ -152,6 +154,162 @@ def test_scalars_are_fp32_and_out_of_weight_decay() -> None:
     assert scalars <= {id(p) for p in no_decay["params"]}
     assert not scalars & {id(p) for p in decay["params"]}
     assert all(m.blocks[0].predictor.dtype == torch.float32 for _ in [0])
+
+
+def randomise_any_scalars(m: TransformerLM) -> None:
+    if m.config.altup.widens:
+        randomise_scalars(m)
+    else:
+        randomise_sequence_scalars(m)
+
+
+def scalars_of(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in m.named_parameters() if n.endswith(("predictor", "corrector"))}
+
+
+CASTS = {
+    "to": lambda m: m.to(torch.bfloat16),
+    "to_device": lambda m: m.to("cpu", torch.float16),
+    "bfloat16": lambda m: m.bfloat16(),
+    "half": lambda m: m.half(),
+}
+
+
+@pytest.mark.parametrize("cast", CASTS)
+@pytest.mark.parametrize(("mode", "altup"), [("altup", {"K": 3}), ("sequence", {"stride": 2})])
+def test_casting_the_model_leaves_the_scalars_fp32(cast: str, mode: str, altup: dict) -> None:
+    """`trainer.precision=bf16-true` casts the whole module; AltUp's scalars stay fp32
+    (bf16's 2⁻⁷ spacing at 1 would swallow their updates), unrounded."""
+    m = model(mode, **altup)
+    randomise_any_scalars(m)
+    before = {n: p.detach().clone() for n, p in scalars_of(m).items()}
+    m(IDS).float().sum().backward()  # grads move with their parameters
+    CASTS[cast](m)
+    assert m.embed.weight.dtype in (torch.bfloat16, torch.float16)
+    for name, p in scalars_of(m).items():
+        assert p.dtype == torch.float32 and p.grad.dtype == torch.float32, name
+        assert torch.equal(p.detach(), before[name]), name
+    assert m(IDS).dtype == m.embed.weight.dtype  # and the model runs in its dtype
+    m.double()  # exactness tests widen everything, scalars included
+    assert all(p.dtype == torch.float64 for p in scalars_of(m).values())
+
+
+class Constant(nn.Module):
+    """A stand-in layer with a known output ỹ, small next to the stream."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        super().__init__()
+        self.value = nn.Parameter(value)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return self.value[:, : x.shape[1]].to(x.dtype)
+
+
+class Residual(Constant):
+    """ỹ = input + a small known delta, as a block's residual makes it: the layer's input
+    (x̂^{j*} with `predicted`) reaches the innovation at the stream's scale."""
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return x + super().forward(x, cos, sin)
+
+
+def large_stream(*shape: int) -> torch.Tensor:
+    """Blocks near ±200 whose differences carry the information: mixing them with scalars
+    near ±1 cancels the 200s, so any bf16 rounding of the scalars or the product (2⁻⁸ of
+    200 ≈ 0.8) dwarfs the small result's own bf16 spacing."""
+    g = torch.Generator().manual_seed(5)
+    sign = torch.tensor([1.0, -1.0] * (shape[0] // 2) + [1.0] * (shape[0] % 2))
+    return sign.view(-1, *[1] * (len(shape) - 1)) * 200 + torch.randn(shape, generator=g)
+
+
+def altup_mixing_reference(layer: AltUpLayer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Predict and correct in fp64 from the spec's equations."""
+    P, g, j = layer.predictor.double(), layer.corrector.double(), layer._active
+    x, y = x.double(), y.double()
+    x_hat = torch.einsum("ij,j...->i...", P, x)
+    return x_hat + g.view(-1, 1, 1, 1) * (y - x_hat[j])
+
+
+SMALL = torch.randn(2, 7, 8, generator=torch.Generator().manual_seed(6))
+
+
+def cancelling_altup_layer(inner: nn.Module, layer_input: str = "original") -> AltUpLayer:
+    layer = AltUpLayer(inner, K=2, active_block=0, layer_input=layer_input)
+    with torch.no_grad():
+        layer.predictor.copy_(torch.tensor([[1.003, 1.0], [1.0, 0.997]]))
+        layer.corrector.copy_(torch.tensor([0.3, 0.7]))
+    return layer
+
+
+@pytest.mark.parametrize("grad", [True, False])  # the fused training path and the plain one
+def test_altup_mixing_is_fp32_in_a_bf16_model(grad: bool) -> None:
+    layer = cancelling_altup_layer(Constant(SMALL)).bfloat16()
+    x = large_stream(2, 2, 7, 8).bfloat16().requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        out = layer(x, torch.empty(0), torch.empty(0))
+    assert out.dtype == torch.bfloat16
+    expected = altup_mixing_reference(layer, x, layer.layer.value.bfloat16())
+    # one bf16 rounding of the fp32 result (2⁻⁹ relative), plus fp32 rounding of the 200s
+    torch.testing.assert_close(out.double(), expected, rtol=2**-8, atol=1e-4)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("layer_input", ["original", "predicted"])
+def test_altup_mixing_is_fp32_under_bf16_autocast(grad: bool, layer_input: str) -> None:
+    """An fp32 model under autocast: the stream stays fp32, and so must the K×(K+1)
+    product and the predicted layer input, which autocast would otherwise run in bf16."""
+    layer = cancelling_altup_layer(Residual(SMALL), layer_input)
+    x = large_stream(2, 2, 7, 8).requires_grad_(grad)
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x, torch.empty(0), torch.empty(0))
+    assert out.dtype == torch.float32
+    x64 = x.double()
+    layer_in = x64[0] if layer_input == "original" else layer.predictor[0].double() @ x64.flatten(1)
+    y = layer_in.view(x.shape[1:]) + SMALL.double()
+    expected = altup_mixing_reference(layer, x, y)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("offset", [None, 1])
+def test_sequence_mixing_is_fp32_in_a_bf16_model(grad: bool, offset: int | None) -> None:
+    k, T = 3, 10
+    small = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(6))
+    layer = SequenceAltUpLayer(Constant(small), k, skip_only=False, offset=offset)
+    with torch.no_grad():
+        layer.predictor.copy_(torch.tensor([1.003, -1.0]))  # α + β = 0.003: the 200s cancel
+        layer.corrector.fill_(0.7)
+    layer.bfloat16()
+    x = large_stream(1, 2, T, 8)[0].bfloat16().requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        out = layer(x, torch.zeros(T, 4), torch.zeros(T, 4))
+    assert out.dtype == torch.bfloat16
+    (alpha, beta), gamma = layer.predictor.double(), layer.corrector.double()
+    x64, o, expected = x.double(), offset or 0, x.double().clone()
+    for t in range(o, T):
+        a = (t - o) // k  # the anchor's index among layer's anchors o, o+k, …
+        x_a, y_a = x64[:, o + a * k], small[:, a].bfloat16().double()
+        expected[:, t] = alpha * x64[:, t] + beta * x_a + gamma * (y_a - (alpha + beta) * x_a)
+    torch.testing.assert_close(out.double(), expected, rtol=2**-8, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("mode", "altup"),
+    [
+        ("altup", {"K": 2}),
+        ("recycled", {"K": 3, "layer_input": "predicted"}),
+        ("sequence", {"stride": 2, "anchors": "rotating"}),
+    ],
+)
+def test_bf16_autocast_model_matches_fp32(mode: str, altup: dict) -> None:
+    m = model(mode, **altup)
+    randomise_any_scalars(m)
+    with torch.no_grad():
+        exact = m(IDS)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = m(IDS)
+    assert all(p.dtype == torch.float32 for p in scalars_of(m).values())
+    torch.testing.assert_close(low.float(), exact, rtol=0, atol=0.02 * exact.abs().max().item())
 
 
 SEQUENCE_CASES = list(itertools.product(["sequence", "stride_skip"], ["fixed", "rotating"], [2, 3]))

@@ -11,11 +11,12 @@ every k-th token (anchors) and the other tokens are predicted and corrected from
 anchor; stride-and-skip is the baseline where skipped tokens pass through. In a causal LM
 fixed anchors (t ≡ 0 mod k in every layer) leave a non-anchor token unseen by every later
 position; rotating anchors (layer ℓ's at t ≡ ℓ mod k, stored per layer) make every token
-an anchor in some layer.
+an anchor in some layer. The scalars and the mixing stay fp32 under any cast or autocast.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -93,7 +94,26 @@ def _scalar(value: torch.Tensor) -> nn.Parameter:
     return param
 
 
-class AltUpLayer(nn.Module):
+class _FP32Scalars(nn.Module):
+    """A wrapper whose own parameters (the AltUp scalars) `.to(bf16)`, `.half()` and
+    `trainer.precision=bf16-true` leave in fp32: a 2⁻⁷ spacing near 1 would swallow their
+    updates. The wrapped layer is cast as asked; fp64 (exactness tests) applies to all."""
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
+        own = [p for p in self._parameters.values() if p is not None]
+        keep = {id(t) for p in own for t in (p, p.grad) if t is not None}
+
+        def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            narrowed = out.is_floating_point() and out.dtype.itemsize < 4
+            if id(t) in keep and narrowed:
+                return t.to(out.device, torch.float32)  # moved as asked, not narrowed
+            return out
+
+        return super()._apply(at_least_fp32, recurse)
+
+
+class AltUpLayer(_FP32Scalars):
     """Predict → compute the wrapped layer on the activated block → correct.
 
     The stream is laid out block-first, (K, B, T, d), so predicting is one (K×K)·(K×N)
@@ -218,7 +238,7 @@ class _Mix(torch.autograd.Function):
         return x_grad, out_grad, mixing_grad, None
 
 
-class SequenceAltUpLayer(nn.Module):
+class SequenceAltUpLayer(_FP32Scalars):
     """The layer runs on anchors (tokens o, o+k, o+2k, …) at their original rotary positions.
 
     `sequence`: every token t with anchor a = o + ⌊(t−o)/k⌋·k ≤ t (causal) is predicted as
