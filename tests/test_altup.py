@@ -511,16 +511,8 @@ FLOP_CASES = [
 ]
 
 
-def flop_case(altup: dict, T: int) -> object:
-    """Rotating anchors put ⌈(T − ℓ mod k)/k⌉ anchors in layer ℓ: fewer than ⌈T/k⌉ in some
-    layers when k ∤ T, which models/counting.py does not count yet (reported, issue 14)."""
-    uncounted = altup.get("anchors") == "rotating" and T % altup["stride"] > 0
-    marks = pytest.mark.xfail(strict=True, reason="per-layer anchor counts") if uncounted else ()
-    return pytest.param(altup, T, marks=marks)
-
-
 @pytest.mark.parametrize(
-    ("altup", "T"), [flop_case(altup, T) for altup in FLOP_CASES for T in (23, 24, 2)]
+    ("altup", "T"), [(altup, T) for altup in FLOP_CASES for T in (23, 24, 2)]
 )
 @pytest.mark.parametrize("tie", [True, False])
 def test_flops_and_parameters_are_counted(altup: dict, T: int, tie: bool) -> None:

@@ -33,6 +33,7 @@ KINDS = {
     },
     "recycled": {"altup": AltUpConfig(mode="recycled", K=2)},
     "sequence": {"altup": AltUpConfig(mode="sequence", stride=2)},
+    "sequence_rotating": {"altup": AltUpConfig(mode="sequence", stride=2, anchors="rotating")},
     "peer": {
         "ffn": FFNConfig(kind="peer", num_experts=64, heads=2, topk=4, d_key=8, layers="middle")
     },
@@ -46,7 +47,8 @@ KINDS = {
     "moe": {"ffn": FFNConfig(kind="moe", num_experts=4, topk=2)},
 }
 SIX = ["mlp_width=48", "heads=3", "value_dim=12", "key_dim=12", "residual_width=24"]
-LAYER_OPS = ["layers=+2@1", "layers=+1"]  # +2 in the middle shifts a K=3 AltUp pattern
+LAYER_OPS = ["layers=+2@1", "layers=+1@1", "layers=+1"]  # +2 in the middle shifts a K=3
+# AltUp pattern; +1 shifts a stride-2 rotating Sequence-AltUp one
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 

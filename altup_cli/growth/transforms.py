@@ -27,7 +27,7 @@ from dataclasses import replace
 import torch
 
 from altup_cli.growth.remap import Axis, NamedState, Placement, blocked, prefix, rebuild
-from altup_cli.models.altup import AltUpLayer, Readout
+from altup_cli.models.altup import AltUpLayer, Readout, SequenceAltUpLayer
 from altup_cli.models.feedforward import MLP
 from altup_cli.models.moe import MoE
 from altup_cli.models.peer import PEER
@@ -115,9 +115,11 @@ def apply_plan(
     new.train(model.training)
     generator = generator or torch.Generator().manual_seed(0)
     new_state = rebuild(model, new, placement_function(plan), state, generator)
-    for layer in new.modules():
-        if isinstance(layer, AltUpLayer):  # its Python copy of the stored active block
+    for layer in new.modules():  # their Python copies of the stored per-layer schedule
+        if isinstance(layer, AltUpLayer):
             layer.sync_active()
+        elif isinstance(layer, SequenceAltUpLayer):
+            layer.sync_offset()
     return new, new_state
 
 

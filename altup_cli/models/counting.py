@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 
+from altup_cli.models.altup import anchor_count, anchor_offset
 from altup_cli.models.transformer import ModelConfig
 
 
@@ -98,32 +99,37 @@ def forward_flops_per_token(
 ) -> dict[str, float]:
     """Forward FLOPs per token for sequences of length `seq_len`, per component.
 
-    Sequence-AltUp and stride-and-skip run each layer on ⌈T/k⌉ anchors only, so the layer
-    cost per token shrinks by anchors/T and attention spans the anchors.
+    Sequence-AltUp and stride-and-skip run layer ℓ on its n_ℓ anchors only (⌈T/k⌉; with
+    rotating anchors ⌈(T − ℓ mod k)/k⌉), so its cost per token shrinks by n_ℓ/T and its
+    attention spans the anchors.
     """
     d, heads, a = cfg.d_model, cfg.n_heads, cfg.altup
-    processed, span = 1.0, seq_len
+    layers = range(cfg.n_layers)
+    spans = [seq_len] * cfg.n_layers  # the tokens each layer runs on
     if a.mode in ("sequence", "stride_skip"):
-        span = -(-seq_len // a.stride)
-        processed = span / seq_len
-    context = (span + 1) / 2 if causal else span
+        spans = [anchor_count(seq_len, a.stride, anchor_offset(a, i) or 0) for i in layers]
+    processed = [n / seq_len for n in spans]
     projections = (
         2 * d * heads * (2 * cfg.head_dim + cfg.v_head_dim) + 2 * heads * cfg.v_head_dim * d
     )
-    scores = 2 * context * heads * (cfg.head_dim + cfg.v_head_dim)  # Q·Kᵀ and P·V
+
+    def attention(n: int) -> float:
+        context = (n + 1) / 2 if causal else n
+        return projections + 2 * context * heads * (cfg.head_dim + cfg.v_head_dim)  # QKᵀ, PV
+
     # Predict + correct as one K × (K+1) product over [x¹ … x^K, ỹ]; feeding the layer the
     # predicted block adds one row of P: K·d more multiply-adds.
     predict = 2 * a.K * (a.K + 1) * d if a.widens else 0
     if a.widens and a.layer_input == "predicted":
         predict += 2 * a.K * d
     experts, retrieval = _sparse_ffn_flops(cfg)
-    sparse_layers = len(cfg.ffn.layer_indices(cfg.n_layers))
+    sparse = cfg.ffn.layer_indices(cfg.n_layers)
     flops = {
         "embedding": 0.0,
-        "attention": float(cfg.n_layers * (projections + scores) * processed),
-        "mlp": float(len(_dense_layers(cfg)) * 4 * d * cfg.d_ff * processed),
-        "experts": float(sparse_layers * experts * processed),
-        "retrieval": float(sparse_layers * retrieval * processed),
+        "attention": float(sum(attention(spans[i]) * processed[i] for i in layers)),
+        "mlp": float(sum(4 * d * cfg.d_ff * processed[i] for i in _dense_layers(cfg))),
+        "experts": float(sum(experts * processed[i] for i in sparse)),
+        "retrieval": float(sum(retrieval * processed[i] for i in sparse)),
         "altup": float(cfg.n_layers * predict + 2 * _readout_matrix(cfg)),
         "lm_head": float(2 * d * cfg.vocab_size),
     }

@@ -94,7 +94,7 @@ class LanguageModelModule(L.LightningModule):
                    zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]  # fmt: skip
             for group, lr in zip(optimizer.param_groups, lrs, strict=True):
                 group["lr"] = lr
-            scheduler._last_lr = lrs  # what get_last_lr() (LR monitor) reports
+            scheduler._last_lr = lrs  # what get_last_lr() reports (the LR monitor reads the groups)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)

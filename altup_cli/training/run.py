@@ -204,9 +204,14 @@ def _setup_logging(run_dir: Path | None, rank: int) -> None:
     logger = logging.getLogger("altup")
     logger.setLevel(logging.INFO)
     logger.propagate = False
+    lightning_log = logging.getLogger("lightning.pytorch")
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
         handler.close()
+    for handler in list(lightning_log.handlers):  # an earlier run's train.log in this process
+        if isinstance(handler, logging.FileHandler):
+            lightning_log.removeHandler(handler)
+            handler.close()
     if rank != 0:
         return
     from rich.logging import RichHandler
@@ -216,7 +221,6 @@ def _setup_logging(run_dir: Path | None, rank: int) -> None:
         file_handler = logging.FileHandler(run_dir / "train.log")
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
         logger.addHandler(file_handler)
-        lightning_log = logging.getLogger("lightning.pytorch")
         lightning_log.addHandler(file_handler)
 
 
