@@ -224,6 +224,23 @@ def require_fits(cfg: ModelConfig, where: str) -> None:
         )
 
 
+def require_devices(s: Settings) -> None:
+    """At launch (not in validate, so a GPU config can be dry-run anywhere): a GPU
+    accelerator or FSDP needs a CUDA device on this machine."""
+    import torch
+
+    t = s.trainer
+    wants_gpu = t.accelerator in ("gpu", "cuda") or "fsdp" in str(t.strategy)
+    if wants_gpu and not torch.cuda.is_available():
+        what = f"trainer.strategy={t.strategy}" if "fsdp" in str(t.strategy) else (
+            f"trainer.accelerator={t.accelerator}"
+        )
+        raise UserError(
+            f"{what} needs a CUDA GPU and this machine has none (Lightning's FSDP does not "
+            "run on CPU); use trainer.accelerator=cpu, or trainer=ddp_cpu for several processes"
+        )
+
+
 def _check_type(value: Any, annotation: Any, where: str) -> Any:
     """Return `value` if it matches `annotation` (ints pass as floats), else raise UserError."""
     origin = typing.get_origin(annotation)
@@ -533,6 +550,11 @@ def _check_values(s: Settings) -> None:
         not ("fsdp" in str(t.strategy) and s.ffn.kind in ("peer", "pkm")),
         f"ffn={s.ffn.kind} does not support trainer.strategy={t.strategy} (its expert tables "
         "keep factored gradients that DDP supports and FSDP does not); use trainer=ddp",
+    )
+    _require(
+        not ("fsdp" in str(t.strategy) and t.accelerator == "cpu"),
+        f"trainer.strategy={t.strategy} needs CUDA GPUs (Lightning's FSDP does not run on "
+        "CPU); for several CPU processes use trainer=ddp_cpu",
     )
     # The model's own invariants (heads dividing the width, even head dim, …) and its size.
     require_fits(s.model_config(vocab_size=s.model.get("vocab_size") or 257), "model")

@@ -26,7 +26,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from altup_cli.config import Settings, growth_events, require_fits
+from altup_cli.config import Settings, growth_events, require_devices, require_fits
 from altup_cli.console import console, say
 from altup_cli.data.corpora import Corpus, load_embedded, load_hf_dataset, load_text_files
 from altup_cli.data.tokenizer import load_tokenizer, tokenizer_from_files, trained_tokenizer
@@ -382,6 +382,7 @@ def train(
     """Prepare data, train, export; returns the run directory. Everything that can be
     checked is checked before the run directory is created or touched."""
     rank = launch_rank()
+    require_devices(s)
     if resume_ckpt is not None and (done := steps_done(resume_ckpt)) >= s.trainer.max_steps:
         say(
             f"{resume_ckpt}: already trained {done} steps (trainer.max_steps="
