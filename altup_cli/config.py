@@ -241,13 +241,13 @@ def require_devices(s: Settings) -> None:
         )
 
 
-def _check_type(value: Any, annotation: Any, where: str) -> Any:
+def check_type(value: Any, annotation: Any, where: str) -> Any:
     """Return `value` if it matches `annotation` (ints pass as floats), else raise UserError."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(annotation):
             try:
-                return _check_type(value, option, where)
+                return check_type(value, option, where)
             except UserError:
                 continue
         raise UserError(f"{where}: expected {_type_name(annotation)}, got {value!r}")
@@ -256,7 +256,7 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
             return None
     elif origin is list:
         if isinstance(value, list):
-            return [_check_type(v, typing.get_args(annotation)[0], where) for v in value]
+            return [check_type(v, typing.get_args(annotation)[0], where) for v in value]
     elif annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):
@@ -294,7 +294,7 @@ def _section(cls: type, values: Any, name: str) -> Any:
         raise UserError(f"{name}: missing key(s) {', '.join(missing)}")
     try:
         return cls(
-            **{n: _check_type(values[n], hints[n], f"{name}.{n}") for n in names if n in values}
+            **{n: check_type(values[n], hints[n], f"{name}.{n}") for n in names if n in values}
         )
     except ValueError as err:  # a dataclass's own invariants
         raise UserError(str(err)) from None
@@ -307,7 +307,7 @@ def _check_model_types(values: dict[str, Any]) -> None:
         raise UserError(f"model: unknown key(s) {', '.join(unknown)}")
     for key, value in values.items():
         annotation = hints[key] | None if key == "vocab_size" else hints[key]
-        _check_type(value, annotation, f"model.{key}")
+        check_type(value, annotation, f"model.{key}")
 
 
 def _require(condition: bool, message: str) -> None:

@@ -112,7 +112,7 @@ def task_settings(raw: dict[str, Any], task: Task) -> GlueSettings:
     """A task's settings: `eval.tasks.<task>.<key>` set on the command line, else `eval.<key>`
     set on the command line, else the task's default in the YAML, else the global default;
     each of the type the field declares (a finite float, an int that is not 1.5)."""
-    from altup_cli.config import _check_type
+    from altup_cli.config import check_type
 
     names = {f.name for f in fields(GlueSettings)}
     values = {k: v for k, v in raw.items() if k in names}
@@ -128,7 +128,7 @@ def task_settings(raw: dict[str, Any], task: Task) -> GlueSettings:
         if value is not None and (f"tasks.{task.name}.{key}" in explicit or key not in explicit):
             values[key], where[key] = value, f"eval.tasks.{task.name}.{key}"
     hints = typing.get_type_hints(GlueSettings)
-    values = {k: _check_type(v, hints[k], where[k]) for k, v in values.items()}
+    values = {k: check_type(v, hints[k], where[k]) for k, v in values.items()}
     try:
         settings = GlueSettings(**values)
     except TypeError as err:

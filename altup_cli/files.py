@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process umask (read without changing it for longer than two calls)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -37,7 +38,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -11,7 +11,6 @@ failure part-way leaves nothing behind and the same command can simply be run ag
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ from altup_cli.config import require_fits
 from altup_cli.console import console, say
 from altup_cli.errors import UserError, first_line
 from altup_cli.export import model_from_checkpoint, read_checkpoint, save_export
-from altup_cli.files import atomic_path, write_json, write_text
+from altup_cli.files import atomic_path, umask, write_json, write_text
 from altup_cli.growth import GrowthOp, parse_op, plan, preset_ops
 from altup_cli.models.transformer import ModelConfig, TransformerLM
 from altup_cli.training.growth import grow_with_optimizer, max_logit_change, record_growth
@@ -187,9 +186,7 @@ def _staged(out_dir: Path) -> Iterator[Path]:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
         yield tmp
-        mask = os.umask(0)
-        os.umask(mask)
-        tmp.chmod(0o777 & ~mask)  # mkdtemp makes it 0700
+        tmp.chmod(0o777 & ~umask())  # mkdtemp makes it 0700
         tmp.rename(final)
     except BaseException as err:
         if tmp is not None:
