@@ -91,6 +91,7 @@ class RunSettings:
     output_dir: str
     cache_dir: str
     compile: bool
+    data_seed: int | None = None  # training order and held-out split; None: seed
 
 
 @dataclass
@@ -328,6 +329,7 @@ def validate(cfg: DictConfig) -> Settings:
     raw.pop("hydra", None)
     raw.pop("recipes", None)
     raw.pop("variants", None)  # a recipe's `altup compare` variants, read by compare
+    raw.pop("seeds", None)  # a recipe's `altup compare` seeds, read by compare
     raw.pop("sweep", None)  # a recipe's isoFLOP sweep axes, read by `altup sweep isoflop`
     expected = {
         "run", "optim", "data", "tokenizer", "trainer", "logger", "model", "altup", "ffn", "growth"
