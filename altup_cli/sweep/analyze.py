@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from altup_cli.files import atomic_path
+from altup_cli.sweep import bootstrap
 
 # Total parameters (Chinchilla's axis) and the non-embedding parameters a token actually
 # uses (`counting.active_parameters`: active experts only, Kaplan's axis for dense models).
@@ -115,105 +116,62 @@ def bootstrap_exponents(
     rows: list[dict[str, Any]], axis: str, samples: int = 1000, seed: int = 0
 ) -> dict[str, Any]:
     """95% intervals of a and b by a residual bootstrap that keeps every budget in every
-    replicate: each budget's parabola is refitted to its fitted losses plus residuals drawn
-    from all budgets' pooled residuals, giving N_opt and D_opt per budget, then the power
-    laws (over the budgets `scaling_laws` uses). `a`/`b` are None, with `why`, when the
-    data cannot tell: no residuals (3 sizes everywhere), an exact fit, fewer than 2 budgets
-    with an inside minimum, or too many replicates without a minimum."""
+    replicate (`bootstrap`): each budget's parabola is refitted to its fitted losses plus
+    resampled noise, giving N_opt and D_opt per budget, then the power laws (over the
+    budgets `scaling_laws` uses). The noise is the parabolas' residuals, or, with 3 sizes
+    at every budget, that of one curvature shared by all budgets. `a`/`b` are None, with
+    `why`, when the data cannot tell: fewer than 2 budgets with an inside minimum, an exact
+    fit, or too many replicates without a minimum."""
     groups = _budgets(rows, axis)
     used = [g for g in groups if g.fit.inside]
-    noise, dof = _pooled_residuals(groups)
-    why = _why_undetermined(groups, used, noise, dof)
+    x = [np.log(g.n) for g in groups]
+    noise, dof, source = bootstrap.residuals(x, [g.loss for g in groups])
+    why = _why_undetermined(groups, used, noise)
     if why:
         return {"a": None, "b": None, "why": why}
     rng = np.random.default_rng(seed)
-    # σ̂ is itself estimated from `dof` residuals: drawing σ*² = σ̂²·dof/χ²_dof per replicate
-    # widens the interval as Student's t would when dof is small.
-    scale = np.sqrt(dof / rng.chisquare(dof, samples))
     log_c = np.log([g.budget for g in used])
-    log_n = np.array([_replicate_log_n_opt(g, noise, scale, rng) for g in used])
-    log_f = np.log([_tokens_at(np.exp(ln), g.n, g.f) for g, ln in zip(used, log_n, strict=True)])
+    log_n = np.array([bootstrap.log_n_opt(np.log(g.n), np.array([g.fit.a, g.fit.b, g.fit.c]),
+                                          noise, samples, rng) for g in used])  # fmt: skip
+    with np.errstate(over="ignore", divide="ignore"):  # a minimum far out: ±inf, outside
+        log_f = np.log(
+            [_tokens_at(np.exp(ln), g.n, g.f) for g, ln in zip(used, log_n, strict=True)]
+        )
+    fit_n = np.log([g.fit.n_opt for g in used])
+    fit_d = log_c - np.log([_tokens_at(g.fit.n_opt, g.n, g.f) for g in used])
     result: dict[str, Any] = {
-        "a": _interval(_slopes(log_c, log_n)),
-        "b": _interval(_slopes(log_c, log_c[:, None] - log_f)),
+        "a": bootstrap.interval(bootstrap.slopes(log_c, log_n), _slope(log_c, fit_n), dof),
+        "b": bootstrap.interval(
+            bootstrap.slopes(log_c, log_c[:, None] - log_f), _slope(log_c, fit_d), dof
+        ),
         "replicates": samples,
         "residual_dof": dof,
+        "residuals": source,
         "no_minimum": int(np.isnan(log_n).any(axis=0).sum()),
     }
     if result["a"] is None or result["b"] is None:
         result["why"] = (
             f"in {result['no_minimum']} of {samples} replicates a budget's parabola had no "
             "minimum: the noise is as large as the curvature"
-        )
+            + (f" (noise told by {source}, so any difference between the budgets' own "
+               "curvatures counts as noise: a 4th size at some budget tells it directly)"
+               if source != "per-budget parabolas" else "")
+        )  # fmt: skip
     return result
 
 
-def _why_undetermined(
-    groups: list[_Budget], used: list[_Budget], noise: np.ndarray, dof: int
-) -> str | None:
+def _slope(log_c: np.ndarray, y: np.ndarray) -> float:
+    return float(bootstrap.slopes(log_c, y[:, None])[0])
+
+
+def _why_undetermined(groups: list[_Budget], used: list[_Budget], noise: np.ndarray) -> str | None:
     """Why the data cannot bound the exponents (None when they can)."""
     if len(used) < 2:
         return "fewer than 2 budgets have their minimum inside their sizes"
-    if dof == 0:
-        return (
-            "each budget has 3 sizes, which its parabola fits exactly: no residuals tell the "
-            "noise (a 4th size at some budget does)"
-        )
     losses = np.concatenate([g.loss for g in groups])
-    if np.sqrt(np.mean(noise**2)) <= 1e-9 * np.mean(np.abs(losses)):
+    if noise.size == 0 or np.sqrt(np.mean(noise**2)) <= 1e-9 * np.mean(np.abs(losses)):
         return "the parabolas fit the losses exactly: no noise to resample"
     return None
-
-
-def _pooled_residuals(groups: list[_Budget]) -> tuple[np.ndarray, int]:
-    """Every budget's residuals divided by √(1 − leverage) (so each has the noise's
-    variance), centred and scaled to the pooled σ̂² = RSS / dof; and dof = Σ (runs − 3).
-    A budget with exactly 3 sizes has none (its parabola passes through them)."""
-    modified, rss, dof = [], 0.0, 0
-    for g in groups:
-        x = np.vander(np.log(g.n), 3)
-        residual = g.loss - x @ np.linalg.lstsq(x, g.loss, rcond=None)[0]
-        leverage = np.einsum("ij,ji->i", x, np.linalg.pinv(x))
-        keep = leverage < 1 - 1e-9
-        modified.append(residual[keep] / np.sqrt(1 - leverage[keep]))
-        rss += float(np.sum(residual**2))
-        dof += len(g.n) - 3
-    if dof == 0:
-        return np.zeros(0), 0
-    e = np.concatenate(modified)
-    e = e - e.mean()
-    rms = np.sqrt(np.mean(e**2))
-    return (e * np.sqrt(rss / dof) / rms if rms > 0 else e), dof
-
-
-def _replicate_log_n_opt(
-    g: _Budget, noise: np.ndarray, scale: np.ndarray, rng: np.random.Generator
-) -> np.ndarray:
-    """ln N_opt of the budget's parabola refitted to fitted + resampled residuals, one per
-    replicate (NaN where the refitted parabola opens downwards: no minimum)."""
-    x = np.vander(np.log(g.n), 3)
-    fitted = x @ np.array([g.fit.a, g.fit.b, g.fit.c])
-    draws = fitted[:, None] + noise[rng.integers(0, noise.size, (len(g.n), scale.size))] * scale
-    quad, lin, _ = np.linalg.pinv(x) @ draws
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(quad > 0, -lin / (2 * quad), np.nan)
-
-
-def _slopes(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Least-squares slope of each column of y (budgets × replicates) against x."""
-    xc = x - x.mean()
-    return (xc[:, None] * (y - y.mean(0))).sum(0) / (xc**2).sum()
-
-
-def _interval(values: np.ndarray) -> list[float] | None:
-    """The 2.5th and 97.5th percentiles, counting a replicate without a value (no minimum
-    somewhere) against the interval: as −∞ for the low end and +∞ for the high end. None
-    when either end is then unbounded or the interval has no width."""
-    finite = values[np.isfinite(values)]
-    missing = np.full(values.size - finite.size, np.inf)
-    low = float(np.quantile(np.concatenate([finite, -missing]), 0.025, method="lower"))
-    high = float(np.quantile(np.concatenate([finite, missing]), 0.975, method="higher"))
-    return [low, high] if np.isfinite(low) and np.isfinite(high) and high > low else None
 
 
 def analyze_rows(rows: list[dict[str, Any]], samples: int = 1000) -> dict[str, Any]:
