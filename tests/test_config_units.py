@@ -13,7 +13,6 @@ from altup_cli.config import (
     MIN_VOCAB_SIZE,
     compose_config,
     compose_named,
-    history_event,
     hydra_error_line,
     model_preset,
     validate,
@@ -144,24 +143,6 @@ def test_model_config_without_a_tokenizer_uses_the_smallest_vocabulary() -> None
 
 
 # --- growth -----------------------------------------------------------------------------
-
-
-def test_history_event_records_one_growth_in_the_order_run_json_has() -> None:
-    class Op:
-        def __str__(self) -> str:
-            return "mlp_width=1024"
-
-    event = history_event(step=5, ops=[Op()], source="schedule", lr_policy="rewarm",
-                          rewarm_steps=None, warmup_steps=20, max_abs_dlogits=0.0,
-                          parameters=123)  # fmt: skip
-    assert list(event) == [
-        "step", "ops", "source", "lr_policy", "rewarm_steps", "max_abs_dlogits", "parameters"
-    ]  # fmt: skip
-    assert event["ops"] == ["mlp_width=1024"] and event["rewarm_steps"] == 20
-    own = history_event(step=5, ops=[], source="altup grow x", lr_policy="continue",
-                        rewarm_steps=7, warmup_steps=20, max_abs_dlogits=0.5,
-                        parameters=1)  # fmt: skip
-    assert own["rewarm_steps"] == 7 and own["source"] == "altup grow x"
 
 
 def test_growth_schedule_events_are_checked_against_the_model_they_meet() -> None:

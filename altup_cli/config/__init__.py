@@ -25,7 +25,7 @@ from altup_cli.config.compose import (
     model_preset,
     recipes_dir,
 )
-from altup_cli.config.growth import LR_POLICIES, event_ops, growth_events, history_event
+from altup_cli.config.growth import LR_POLICIES, event_ops, growth_events
 from altup_cli.config.resources import (
     BYTES_PER_TRAINED_PARAMETER,
     memory_bytes,
@@ -64,7 +64,6 @@ __all__ = [
     "conf_dir",
     "event_ops",
     "growth_events",
-    "history_event",
     "hydra_error_line",
     "list_recipes",
     "memory_bytes",

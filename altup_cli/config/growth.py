@@ -1,6 +1,6 @@
 """Growth in the config: the schedule's events (`{step, ops: [...]}` or `{step, to:
-PRESET}`) parsed and planned against the model they will meet, the LR policies, and the
-one builder of the history record an applied growth leaves in the run's config."""
+PRESET}`) parsed and planned against the model they will meet, and the LR policies.
+(The record an applied growth leaves in growth.history is built by runs.checkpoint.)"""
 
 from __future__ import annotations
 
@@ -81,27 +81,3 @@ def check_growth(s: Settings) -> None:
     )
     growth_events(s, s.model_config())
 
-
-def history_event(
-    *,
-    step: int,
-    ops: list[Any],
-    source: str,
-    lr_policy: str,
-    rewarm_steps: int | None,
-    warmup_steps: int,
-    max_abs_dlogits: float,
-    parameters: int,
-) -> dict[str, Any]:
-    """The record of one applied growth in growth.history (`source` is "schedule" for the
-    schedule's events, which is how `GrowthSettings.pending` counts them); a rewarm
-    without its own length ramps over the run's warmup steps."""
-    return {
-        "step": step,
-        "ops": [str(op) for op in ops],
-        "source": source,
-        "lr_policy": lr_policy,
-        "rewarm_steps": rewarm_steps or warmup_steps,
-        "max_abs_dlogits": max_abs_dlogits,
-        "parameters": parameters,
-    }
