@@ -7,19 +7,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from altup_cli import benchmark, benchmark_ffn
-from altup_cli.benchmark import bare_loop, lightning_loop, preset_config, run_benchmark
-from altup_cli.benchmark_ffn import HEADS, TOPK
+from altup_cli.bench import measure, peer_layers, peer_step
+from altup_cli.bench import peer as peer_suite
+from altup_cli.bench.lightning import bare_loop, lightning_loop, preset_config, run_benchmark
+from altup_cli.bench.peer_layers import HEADS, TOPK
 from altup_cli.errors import UserError
 from altup_cli.models import TransformerLM, training_flops_per_token
 from tests.flops import count_flops, flop_clock
 
-HAS_REFERENCE = benchmark_ffn.reference_available()
+HAS_REFERENCE = peer_layers.reference_available()
 needs_reference = pytest.mark.skipif(not HAS_REFERENCE, reason="PEER-pytorch not installed")
 
 
@@ -46,7 +48,7 @@ def test_lightning_and_bare_loops_produce_identical_losses() -> None:
 def test_lightning_suite_times_equal_work_equally() -> None:
     """Lightning's step does the bare loop's matrix products and no others (work ratio 1),
     on a model of the preset's parameter count."""
-    with flop_clock(benchmark):
+    with flop_clock(measure):
         (row,) = run_benchmark(
             ["nano"], steps=2, warmup=1, repeats=1, batch_size=2, seq_len=16, device_name="cpu"
         )
@@ -63,9 +65,9 @@ def test_altup_suite_time_ratios_are_the_flop_ratios_it_prints() -> None:
     """Under a FLOP clock each variant's step-time ratio to the baseline is its executed
     work ratio: it equals the analytic FLOPs ratio in the same row (so rows are paired
     with the baseline, and dense 2d really does > 2.5× the work)."""
-    from altup_cli.benchmark import altup_variants, run_altup_benchmark
+    from altup_cli.bench.altup import altup_variants, run_altup_benchmark
 
-    with flop_clock(benchmark):
+    with flop_clock(measure):
         rows = run_altup_benchmark(
             "nano", steps=1, warmup=1, batch_size=2, seq_len=16, device_name="cpu"
         )
@@ -79,7 +81,7 @@ def test_altup_suite_time_ratios_are_the_flop_ratios_it_prints() -> None:
     assert by_name["dense_2d"]["time_ratio"] > 2.5 and by_name["sequence_s2"]["time_ratio"] < 1
 
 
-def _fake_peak(probe: str, kind: str, d: int, n: int, *_: int) -> float:
+def _fake_peak(module: str, probe: str, kind: str, d: int, n: int, *_: int) -> float:
     """A stand-in RSS that differs by layer and grows with N, so a peak paired with
     another N's or another layer's shows in the ratio."""
     scale = {"peer": 1, "reference": 4, "naive": 3, "dense_4d": 0.5, "dense_hk": 0.25}
@@ -87,16 +89,16 @@ def _fake_peak(probe: str, kind: str, d: int, n: int, *_: int) -> float:
 
 
 def _layer_flops(kind: str, d: int, n: int, tokens: int) -> int:
-    module = benchmark_ffn.layer(kind, d, n)
+    module = peer_layers.layer(kind, d, n)
     x = torch.randn(tokens, d).requires_grad_()
     grad = torch.randn(tokens, d)
-    return count_flops(lambda: benchmark_ffn.layer_step(kind, module, x, grad)).get_total_flops()
+    return count_flops(lambda: peer_layers.layer_step(kind, module, x, grad)).get_total_flops()
 
 
 def _step_flops(kind: str, d: int, n: int, batch: int, seq: int) -> int:
-    step = benchmark_ffn.step_model(kind, d, n)
-    ids = benchmark_ffn._step_ids(batch, seq)
-    return count_flops(lambda: benchmark_ffn._train_step(step, ids)).get_total_flops()
+    step = peer_step.step_model(kind, d, n)
+    ids = peer_step._step_ids(batch, seq)
+    return count_flops(lambda: peer_step._train_step(step, ids)).get_total_flops()
 
 
 @pytest.mark.parametrize("reference", [pytest.param(True, marks=needs_reference), False])
@@ -107,11 +109,11 @@ def test_peer_suite_rows_compare_the_right_pairs(
     d, the naive oracle only up to its limit, the reference only where installed (else
     one line says so); each ratio is the work (or stand-in RSS) ratio of the right pair,
     counted independently; the dense h·k layer does half the dense 4d layer's work."""
-    monkeypatch.setattr(benchmark_ffn, "reference_available", lambda: reference)
-    monkeypatch.setattr(benchmark_ffn, "_fresh_process_peak", _fake_peak)
+    monkeypatch.setattr(peer_suite, "reference_available", lambda: reference)
+    monkeypatch.setattr(measure, "fresh_process_peak_gib", _fake_peak)
     d, tokens, batch, seq = 64, 32, 2, 16
-    with flop_clock(benchmark_ffn):
-        rows = benchmark_ffn.run_peer_benchmark([d], [16, 32], tokens, 1, 16, batch, seq)
+    with flop_clock(measure):
+        rows = peer_suite.run_peer_benchmark([d], [16, 32], tokens, 1, 16, batch, seq)
     said = [ln for ln in capsys.readouterr().err.splitlines() if "not installed" in ln]
     assert len(said) == (0 if reference else 1)
     layers = {(r["kind"], r["experts"]): r for r in rows if "kind" in r}
@@ -135,18 +137,20 @@ def test_peer_suite_rows_compare_the_right_pairs(
     assert list(steps) == [("dense", None), ("dense_hk", None)] + [
         (k, n) for n in (256, 1024) for k in kinds
     ]
-    dense = training_flops_per_token(benchmark_ffn.model_config(d, None), seq)["total"]
+    dense = training_flops_per_token(peer_step.model_config(d, None), seq)["total"]
     narrower = 3 * 4 * d * (4 * d - HEADS * TOPK)  # layer 2's MLP: width h·k, not 4d
     assert steps[("dense_hk", None)]["ratio"] == pytest.approx((dense - narrower) / dense)
     for n in (256, 1024):
-        peer = training_flops_per_token(benchmark_ffn.model_config(d, n), seq)
+        peer = training_flops_per_token(peer_step.model_config(d, n), seq)
         work = (peer["total"] - peer["retrieval"]) / dense  # candidate sums are not seen
         assert steps[("peer", n)]["ratio"] == pytest.approx(work, rel=1e-12)
         if reference:
             ref_work = _step_flops("reference", d, n, batch, seq) / (dense * batch * seq)
             assert steps[("reference", n)]["ratio"] == pytest.approx(ref_work, rel=1e-12)
             assert steps[("peer", n)]["speedup_vs_reference"] == pytest.approx(ref_work / work)
-        assert steps[("peer", n)]["step_peak_gib"] == _fake_peak("_step_probe", "peer", d, n)
+        assert steps[("peer", n)]["step_peak_gib"] == _fake_peak(
+            peer_step.__name__, "_step_probe", "peer", d, n
+        )
     assert all(r["tokens_per_step"] == batch * seq for r in steps.values())
 
 
@@ -156,7 +160,7 @@ def test_the_timed_reference_model_takes_our_first_steps() -> None:
     gradients, our groups) and our PEER model (lazy Adam) give the same first two losses
     and the same weights after one step (dense Adam's moments of a row not retrieved stay
     zero, so it does not move): the step benchmark times the same training."""
-    from altup_cli.benchmark_ffn import MIDDLE, _step_ids, _train_step, step_model
+    from altup_cli.bench.peer_step import MIDDLE, _step_ids, _train_step, step_model
 
     ours, ref = step_model("peer", 64, 64**2), step_model("reference", 64, 64**2)
     layer, copied = ours.model.blocks[MIDDLE].ffn, ref.model.blocks[MIDDLE].ffn
@@ -188,10 +192,10 @@ def test_the_memory_probes_report_a_peak(capsys: pytest.CaptureFixture[str]) -> 
     import json
 
     kind = "reference" if HAS_REFERENCE else "peer"
-    benchmark_ffn._rss_probe(kind, 32, 256, 16)
-    benchmark_ffn._step_probe(kind, 64, 256, 2, 16)
+    peer_layers._rss_probe(kind, 32, 256, 16)
+    peer_step._step_probe(kind, 64, 256, 2, 16)
     peaks = [json.loads(line)["peak_gib"] for line in capsys.readouterr().out.splitlines()]
-    peaks.append(benchmark_ffn.peak_rss_gib("dense_hk", 32, 256, 16))
+    peaks.append(peer_layers.peak_rss_gib("dense_hk", 32, 256, 16))
     assert len(peaks) == 3 and all(0 < v < math.inf for v in peaks)
 
 
@@ -199,7 +203,7 @@ def test_peer_suite_takes_batch_and_sequence_from_the_options(
     altup, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = []
-    monkeypatch.setattr(benchmark_ffn, "run_peer_benchmark", lambda *a: calls.append(a))
+    monkeypatch.setattr(peer_suite, "run_peer_benchmark", lambda *a: calls.append(a))
     assert altup("bench", "--suite", "peer", "--batch-size", "3", "--seq-len", "8").code == 0
     assert altup("bench", "--suite", "peer").code == 0
     assert [c[-2:] for c in calls] == [(3, 8), (4, 256)]
@@ -294,3 +298,49 @@ def test_the_peer_suite_refuses_a_gpu_in_one_line(
         result = altup("bench", "--suite", "peer", *SMALL["peer"], "--device", device)
         assert result.code == 2 and "CPU only" in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
+
+
+def test_interleaving_changes_the_order_every_round() -> None:
+    """Every suite's schedule of variants: warm-up rounds dropped, the first kept round in
+    the given order, then reversed every other round, or rotated by one with `rotate`."""
+    order: list[tuple[int, str]] = []
+    calls = {k: (lambda r, k=k: order.append((r, k)) or (r, k)) for k in "abc"}
+    kept = measure.interleave(calls, rounds=2, warmup=1)
+    assert "".join(f"{r}{k}" for r, k in order) == "0c0b0a" + "1a1b1c" + "2c2b2a"
+    assert kept == {k: [(1, k), (2, k)] for k in "abc"}
+    order.clear()
+    measure.interleave(calls, rounds=3, rotate=True)
+    assert "".join(k for _, k in order) == "abc" + "bca" + "cab"
+
+
+def test_the_peer_suite_imports_torch_alone() -> None:
+    """Its fresh measuring processes import the suite: no Lightning, Hydra or W&B in their
+    peak RSS."""
+    import subprocess
+    import sys
+
+    heavy = ("lightning", "hydra", "omegaconf", "wandb", "typer")
+    code = (
+        "import sys, altup_cli.bench.peer, altup_cli.bench.peer_layers, altup_cli.bench.peer_step;"
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({heavy!r})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_run_suite_takes_the_peer_batch_from_the_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one entry point: options checked, then the suite run with them (the peer
+    suite's full step takes 4 sequences unless --batch-size is given)."""
+    from altup_cli.bench import BenchOptions, run_suite
+
+    calls = []
+    monkeypatch.setattr(peer_suite, "run_peer_benchmark", lambda *a: calls.append(a))
+    options = BenchOptions(
+        models="tiny,mini", steps=20, warmup=5, repeats=3, batch_size=16, seq_len=8,
+        device="cpu", compile=False, d_models="32", experts="16,32", tokens=64, naive_max=16,
+    )  # fmt: skip
+    run_suite("peer", options)
+    run_suite("peer", replace(options, given=frozenset({"--batch-size"})))
+    assert calls == [([32], [16, 32], 64, 3, 16, 4, 8), ([32], [16, 32], 64, 3, 16, 16, 8)]
+    with pytest.raises(UserError, match="--steps does nothing in the peer suite"):
+        run_suite("peer", replace(options, given=frozenset({"--steps"})))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from altup_cli.benchmark_growth import randomize_
+from altup_cli.bench.growth import randomize_
 from altup_cli.growth import TRANSFORMS, apply_plan, grow, parse_op, plan
 from altup_cli.growth.remap import new_mask, old_entries, place
 from altup_cli.growth.transforms import layers as layers_plan

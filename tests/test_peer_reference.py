@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("PEER_pytorch")
 
-from altup_cli.benchmark_ffn import reference_peer, reference_query_weight
+from altup_cli.bench.peer_layers import reference_peer, reference_query_weight
 from altup_cli.models.peer import PEER
 from altup_cli.models.row_gradients import materialize_row_grad
 
