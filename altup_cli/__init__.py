@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from altup_cli.export import load, load_tokenizer, save_export
 from altup_cli.models import (
     ModelConfig,
     TransformerLM,
@@ -21,6 +20,7 @@ from altup_cli.models import (
     parameter_counts,
     training_flops_per_token,
 )
+from altup_cli.runs.export import load, load_tokenizer, save_export
 
 __version__ = "0.1.0"
 

@@ -10,7 +10,6 @@ failure part-way leaves nothing behind and the same command can simply be run ag
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -20,25 +19,33 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
 from altup_cli.config import require_fits
 from altup_cli.console import console, say
 from altup_cli.errors import UserError, first_line
-from altup_cli.export import model_from_checkpoint, read_checkpoint, save_export
-from altup_cli.files import atomic_path, umask, write_json, write_text
+from altup_cli.files import umask
 from altup_cli.growth import GrowthOp, parse_op, plan, preset_ops
 from altup_cli.models.transformer import ModelConfig, TransformerLM
-from altup_cli.training.growth import grow_with_optimizer, max_logit_change, record_growth
-from altup_cli.training.lm_module import warmup_cosine, with_rewarm
+from altup_cli.runs.checkpoint import (
+    checkpoint_file,
+    growth_event,
+    model_from_checkpoint,
+    read_checkpoint,
+    recorded_config,
+    replace_model,
+    run_dir_of,
+    write_checkpoint,
+)
+from altup_cli.runs.export import save_export
+from altup_cli.runs.rundir import read_meta, write_config, write_meta
+from altup_cli.training.growth import grow_with_optimizer, max_logit_change
+from altup_cli.training.schedules import lm_multiplier
 
 SAMPLE_SHAPE = (4, 128)  # the sample batch of random tokens Δlogits is measured on
 
 
 def _checkpoint_path(source: str) -> Path:
-    path = Path(source).expanduser()
-    if path.is_dir():
-        path = path / "checkpoints" / "last.ckpt"
+    path = checkpoint_file(Path(source).expanduser())
     if not path.is_file():
         raise UserError(f"{source}: no checkpoint there (expected a .ckpt or a run directory)")
     return path
@@ -55,20 +62,6 @@ def _out_dir(out: str) -> Path:
     if not parent.is_dir():
         raise UserError(f"-o {out}: {parent} is not a directory")
     return out_dir
-
-
-def _source_meta(path: Path) -> dict[str, Any]:
-    """The source run's run.json (empty when there is none)."""
-    meta_path = path.parent.parent / "run.json"
-    if not meta_path.is_file():
-        return {}
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise UserError(f"cannot read {meta_path}: {first_line(err)}") from None
-    if not isinstance(meta, dict):
-        raise UserError(f"{meta_path} is not a JSON object")
-    return meta
 
 
 def _ops(texts: list[str], to: str | None, cfg: ModelConfig) -> list[GrowthOp]:
@@ -88,22 +81,12 @@ def _ops(texts: list[str], to: str | None, cfg: ModelConfig) -> list[GrowthOp]:
     return ops
 
 
-def _rewarm_lrs(ckpt: dict[str, Any], config: dict[str, Any], step: int) -> None:
-    """Set the stored optimizer's and scheduler's LRs to what the policy gives now (a
-    resumed run takes its first LR from them)."""
+def _lr_factor(config: dict[str, Any], step: int) -> float:
+    """The LR multiplier the run's policy gives at `step` (growth history included)."""
     o, total_steps = config["optim"], config["trainer"]["max_steps"]
     total = o.get("schedule_steps") or total_steps
-    factor = with_rewarm(
-        warmup_cosine(step, o["warmup_steps"], total, o["min_lr_ratio"]),
-        step,
-        config["growth"]["history"],
-    )
-    schedulers = ckpt.get("lr_schedulers", [])
-    for opt_state, sched in zip(ckpt["optimizer_states"], schedulers, strict=False):
-        lrs = [base * factor for base in sched["base_lrs"]]
-        for group, lr in zip(opt_state["param_groups"], lrs, strict=True):
-            group["lr"] = lr
-        sched["_last_lr"] = lrs
+    history = config["growth"]["history"]
+    return lm_multiplier(step, o["warmup_steps"], total, o["min_lr_ratio"], history)
 
 
 def grow_checkpoint(
@@ -124,7 +107,7 @@ def grow_checkpoint(
     out_dir = _out_dir(out)
     path = _checkpoint_path(source)
     ckpt = read_checkpoint(path)
-    meta = _source_meta(path)
+    meta = read_meta(run_dir_of(path), strict=True)
     model = model_from_checkpoint(ckpt, path)
     ops = _ops(op_texts, to, model.config)
     try:
@@ -146,29 +129,18 @@ def grow_checkpoint(
         generator=torch.Generator().manual_seed(seed),
     )
     change = max_logit_change(model, grown, tokens)
-    event = {
-        "step": step,
-        "ops": [str(op) for op in ops],
-        "source": f"altup grow {path}",
-        "lr_policy": lr_policy,
-        "rewarm_steps": rewarm_steps or config["optim"]["warmup_steps"],
-        "max_abs_dlogits": change,
-        "parameters": grown.num_parameters(),
-    }
-    config.setdefault("growth", {"schedule": [], "lr_policy": "continue", "rewarm_steps": None})
-    record_growth(config, grown, event)
-    ckpt["state_dict"] = {f"model.{k}": v for k, v in grown.state_dict().items()}
-    if state is not None:
-        ckpt["optimizer_states"] = [state]
-        _rewarm_lrs(ckpt, config, step)
-    ckpt["altup"]["model"] = grown.config.to_dict()
-    ckpt.setdefault("hyper_parameters", {}).update(
-        config=config, model_config=grown.config.to_dict()
+    event = growth_event(
+        step,
+        ops,
+        f"altup grow {path}",
+        lr_policy,
+        rewarm_steps or config["optim"]["warmup_steps"],
+        change,
+        grown.num_parameters(),
     )
-    # The best-checkpoint record belongs to the smaller model's run directory.
-    ckpt["callbacks"] = {
-        k: v for k, v in ckpt.get("callbacks", {}).items() if not k.startswith("ModelCheckpoint")
-    }
+    config.setdefault("growth", {"schedule": [], "lr_policy": "continue", "rewarm_steps": None})
+    config = recorded_config(config, grown.config, [*config["growth"].get("history", []), event])
+    ckpt = replace_model(ckpt, grown, config, state, _lr_factor(config, step))
     _write(out_dir, ckpt, grown, path, config, meta)
     print_growth(model, grown, change, ops, out_dir)
     return out_dir
@@ -207,7 +179,7 @@ def _write(
     config: dict[str, Any],
     meta: dict[str, Any],
 ) -> None:
-    tokenizer = path.parent.parent / "export" / "tokenizer.json"
+    tokenizer = run_dir_of(path) / "export" / "tokenizer.json"
     meta.pop("wandb_id", None)  # a new W&B run: a new run directory
     meta.update(
         status="grown",
@@ -216,11 +188,10 @@ def _write(
         name=config["run"]["name"],
     )
     with _staged(out_dir) as tmp:
-        with atomic_path(tmp / "checkpoints" / "last.ckpt") as target:
-            torch.save(ckpt, target)
+        write_checkpoint(tmp / "checkpoints" / "last.ckpt", ckpt)
         save_export(grown, tmp / "export", tokenizer if tokenizer.is_file() else None)
-        write_text(tmp / ".hydra" / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
-        write_json(tmp / "run.json", meta)
+        write_config(tmp, config)
+        write_meta(tmp, meta)
     if not tokenizer.is_file():
         say(f"note: no tokenizer beside {path}; the export has none")
 

@@ -14,9 +14,9 @@ import torch
 
 import altup_cli
 from altup_cli.config import model_preset
-from altup_cli.export import read_checkpoint
 from altup_cli.growth.ops import PRESET_FIELDS
-from altup_cli.training.lm_module import with_rewarm
+from altup_cli.runs.checkpoint import read_checkpoint
+from altup_cli.training.schedules import with_rewarm
 from tests.conftest import tiny_overrides
 from tests.test_train import PEER_TINY, _csv_losses, _run_dir
 from tests.wandb_records import history
@@ -265,8 +265,8 @@ def test_bad_checkpoints_and_outputs_are_refused(
     ("target", "error"),
     [
         ("save_export", OSError(28, "No space left on device")),
-        ("write_text", OSError(13, "Permission denied")),
-        ("write_json", RuntimeError("killed")),
+        ("write_config", OSError(13, "Permission denied")),
+        ("write_meta", RuntimeError("killed")),
     ],
 )
 def test_a_failed_write_leaves_nothing_and_a_retry_succeeds(

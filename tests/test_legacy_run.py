@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import altup_cli
-from altup_cli.export import read_checkpoint
+from altup_cli.runs.checkpoint import read_checkpoint
 
 FIXTURE = Path(__file__).parent / "fixtures" / "legacy_run"
 
@@ -57,7 +57,7 @@ def test_legacy_run_grows_without_changing_its_function(
 ) -> None:
     result = altup("grow", "run", "mlp_width=48", "layers=+1", "-o", "grown")
     assert result.code == 0, result.stderr  # type: ignore[attr-defined]
-    grown, cfg = altup_cli.load(legacy / "grown/checkpoints/last.ckpt")
+    _grown, cfg = altup_cli.load(legacy / "grown/checkpoints/last.ckpt")
     assert (cfg.d_ff, cfg.n_layers) == (48, 3)
     torch.testing.assert_close(
         _logits(legacy / "grown/checkpoints/last.ckpt"), _logits(FIXTURE / "run"), atol=1e-5, rtol=0

@@ -27,8 +27,9 @@ from typing import Any
 import pytest
 import torch
 
-from altup_cli.export import read_checkpoint
-from altup_cli.training.lm_module import LanguageModelModule, warmup_cosine
+from altup_cli.runs.checkpoint import read_checkpoint
+from altup_cli.training.lm_module import LanguageModelModule
+from altup_cli.training.schedules import warmup_cosine
 from tests.conftest import tiny_overrides
 
 
@@ -125,7 +126,7 @@ def test_same_named_runs_in_one_job_never_share_a_directory(
 
 def _claim(args: tuple[str, str]) -> str:
     from altup_cli.config import compose_config, validate
-    from altup_cli.training.rundir import claim_run_dir
+    from altup_cli.runs.rundir import claim_run_dir
 
     output_dir, start = args
     settings = validate(compose_config([f"run.output_dir={output_dir}", "run.name=same"]))
@@ -184,7 +185,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_checkpoint_intact(
     altup, tiny: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A full disk in the middle of the third checkpoint write (step 4)."""
-    import altup_cli.training.rundir as rundir
+    import altup_cli.runs.checkpoint as checkpoint
 
     real_save, calls = torch.save, []
 
@@ -195,7 +196,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_checkpoint_intact(
         Path(f).write_bytes(b"PK\x03\x04 half a checkpoint")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(rundir.torch, "save", disk_full)
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full)
     with pytest.raises(OSError, match="No space left"):
         altup("train", *tiny, "trainer.max_steps=6", "trainer.val_check_interval=2")
     run = _runs(tmp_path / "outputs")[0]

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from altup_cli.errors import UserError
-from altup_cli.export import read_checkpoint
+from altup_cli.runs.checkpoint import read_checkpoint
 from altup_cli.training.lm_module import LanguageModelModule
 from tests.conftest import tiny_overrides
 
@@ -51,7 +51,7 @@ def test_claim_run_dir_refuses_a_taken_job_named_directory(
 ) -> None:
     """Catches claim_run_dir sharing the directory (`return run_dir` instead of refusing)
     and open(..., "w"): the CLI test only reaches check_claimable, which refuses first."""
-    from altup_cli.training.rundir import claim_run_dir
+    from altup_cli.runs.rundir import claim_run_dir
 
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     settings = _settings(tmp_path)
@@ -69,7 +69,7 @@ def test_claim_run_dir_never_returns_a_directory_another_run_claimed(
     """The race of two same-named runs, made deterministic: this run picked its candidate
     before the other created run.json in it. Catches open(..., "x") -> "w", which the
     timing-based concurrency test catches only when the race happens to occur."""
-    import altup_cli.training.rundir as rundir
+    import altup_cli.runs.rundir as rundir
 
     settings = _settings(tmp_path)
     taken = rundir.claim_run_dir(settings)  # the other run
@@ -94,7 +94,7 @@ def test_atomic_writes_rename_from_the_targets_own_directory(
     """Catches a temporary file made elsewhere (mkstemp without dir=target.parent): a
     rename across filesystems is a copy that a full disk truncates, or fails."""
     import altup_cli.files as files
-    from altup_cli.training.rundir import AtomicCheckpointIO
+    from altup_cli.training.checkpoint_io import AtomicCheckpointIO
 
     real, renames = os.replace, []
 

@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 import altup_cli
-from altup_cli.export import read_checkpoint
+from altup_cli.runs.checkpoint import read_checkpoint
 from tests.conftest import tiny_overrides
 from tests.wandb_records import history
 
@@ -317,23 +317,3 @@ def test_sparse_feedforwards_train_and_log_to_wandb(
     else:
         aux = [r["train/aux_loss"] for r in rows if "train/aux_loss" in r]
         assert len(aux) == 4 and all(a > 0 for a in aux)
-
-
-def test_compare_trains_every_variant_on_the_same_tokens(
-    altup, corpus_dir: Path, cache_dir: Path, tmp_path: Path
-) -> None:
-    outputs = tmp_path / "outputs"
-    args = [*tiny_overrides(corpus_dir, cache_dir, outputs, steps=2), "logger=none"]
-    result = altup("compare", *args, "--variant", "altup=off", "--variant", "altup=recycled_k2")
-    assert result.code == 0, result.stderr
-    saved = json.loads(next(outputs.glob("compare-*.json")).read_text())
-    assert [r["variant"] for r in saved] == ["altup=off", "altup=recycled_k2"]
-    assert saved[0]["tokens_seen"] == saved[1]["tokens_seen"] == 2 * 4 * 32
-    assert saved[1]["parameters"]["total"] - saved[0]["parameters"]["total"] == 2 * 6
-    assert "altup compare" in result.stdout and "val loss" in result.stdout
-
-
-def test_compare_refuses_a_bad_variant_before_training(altup, tmp_path: Path) -> None:
-    result = altup("compare", f"run.output_dir={tmp_path}", "--variant", "altup=k9")
-    assert result.code == 2 and "altup/k9" in result.stderr
-    assert not any(tmp_path.iterdir())

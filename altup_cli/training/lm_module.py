@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning as L
@@ -13,28 +12,14 @@ from altup_cli.models.counting import training_flops_per_token
 from altup_cli.models.row_gradients import is_table
 from altup_cli.models.transformer import ModelConfig, TransformerLM
 from altup_cli.training.optim import build_optimizer, dense_parameters
-
-
-def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """LR multiplier: linear warmup to 1, then cosine decay to `min_ratio` at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def with_rewarm(multiplier: float, step: int, history: list[dict[str, Any]]) -> float:
-    """The LR multiplier after growth: events with `lr_policy: rewarm` ramp it up again
-    linearly over their `rewarm_steps` (the latest such event counts)."""
-    for event in reversed(history):
-        if event.get("lr_policy") == "rewarm" and event["step"] <= step:
-            ramp = (step - event["step"] + 1) / max(1, int(event.get("rewarm_steps") or 1))
-            return multiplier * min(1.0, ramp)
-    return multiplier
+from altup_cli.training.schedules import warmup_cosine, with_rewarm
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+__all__ = ["LanguageModelModule", "lm_loss", "warmup_cosine", "with_rewarm"]
 
 
 class LanguageModelModule(L.LightningModule):

@@ -8,16 +8,12 @@ and `export/` appear only when training finished: a failed run says so in `run.j
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import secrets
 import sys
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -28,16 +24,27 @@ from omegaconf import DictConfig, OmegaConf
 
 from altup_cli.config import Settings, growth_events, require_devices, require_fits
 from altup_cli.console import console, say
-from altup_cli.data.corpora import Corpus, load_embedded, load_hf_dataset, load_text_files
-from altup_cli.data.tokenizer import load_tokenizer, tokenizer_from_files, trained_tokenizer
-from altup_cli.data.tokens import TokenStream, epochs_covered, tokenize_corpus
-from altup_cli.errors import UserError, first_line
-from altup_cli.export import read_checkpoint, save_export
+from altup_cli.data.tokens import epochs_covered
+from altup_cli.errors import first_line
 from altup_cli.files import write_json
 from altup_cli.models.counting import (
     active_parameters,
     parameter_counts,
     training_flops_per_token,
+)
+from altup_cli.runs.checkpoint import in_run_dir, run_dir_of, steps_done
+from altup_cli.runs.data import PreparedData, prepare_data
+from altup_cli.runs.export import save_export
+from altup_cli.runs.resume import resumed_config
+from altup_cli.runs.rundir import (
+    RUN_DIR_ENV,
+    check_claimable,
+    claim_run_dir,
+    launch_rank,
+    planned_run_dir,
+    read_meta,
+    set_status,
+    write_run_files,
 )
 from altup_cli.training.callbacks import (
     AlignLogStepOnResume,
@@ -48,144 +55,23 @@ from altup_cli.training.callbacks import (
     TrainingStats,
     ValidateAtEnd,
 )
+from altup_cli.training.checkpoint_io import AtomicCheckpointIO
 from altup_cli.training.datamodule import PackedTextDataModule
 from altup_cli.training.growth import GrowthSchedule
 from altup_cli.training.lm_module import LanguageModelModule
-from altup_cli.training.rundir import (
-    RUN_DIR_ENV,
-    AtomicCheckpointIO,
-    check_claimable,
-    claim_run_dir,
-    launch_rank,
-    planned_run_dir,
-    read_meta,
-    set_status,
-    steps_done,
-    write_run_files,
-)
+
+__all__ = [  # with re-exports for callers that do not yet import them from their new homes
+    "RUN_DIR_ENV",
+    "build_trainer",
+    "drop_lightning_tips",
+    "prepare_data",
+    "print_summary",
+    "resumed_config",
+    "train",
+    "wandb_mode",
+]
 
 log = logging.getLogger("altup")
-
-
-@dataclass
-class PreparedData:
-    stream: TokenStream
-    tokenizer_path: Path
-    description: str
-
-
-def load_corpus(s: Settings) -> Corpus:
-    d, cache = s.data, Path(s.run.cache_dir).expanduser()
-    if d.source == "embedded":
-        return load_embedded(d.name or "", cache)
-    if d.source == "text":
-        return load_text_files(d.path or "", d.encoding)
-    return load_hf_dataset(d.name or "", d.split, d.text_field, d.subset)
-
-
-@contextmanager
-def cache_lock(cache: Path) -> Iterator[None]:
-    """Serialise data preparation between processes sharing a cache (torchrun / srun start
-    every rank at once): the first prepares, the others then find everything cached."""
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / ".lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def prepare_data(s: Settings) -> PreparedData:
-    """Corpus → tokenizer → token stream, each step cached under run.cache_dir."""
-    cache = Path(s.run.cache_dir).expanduser()
-    with cache_lock(cache):
-        return _prepare_data(s, cache)
-
-
-def _prepare_data(s: Settings, cache: Path) -> PreparedData:
-    corpus = load_corpus(s)
-    if not any(doc.strip() for doc in corpus.documents):
-        raise UserError("data: the corpus contains no text")
-    tok = s.tokenizer
-    if tok.kind == "bpe":
-        tokenizer_path = trained_tokenizer(
-            corpus, tok.vocab_size or 0, tok.min_frequency or 2, cache
-        )
-    else:
-        tokenizer_path = tokenizer_from_files(tok.path or "", cache)
-    tokenizer, eos = load_tokenizer(tokenizer_path)
-    stream = tokenize_corpus(corpus, tokenizer, tokenizer_path, eos, cache)
-    return PreparedData(stream, tokenizer_path, corpus.description)
-
-
-# Keys a resumed run applies for real (the LR schedule and optimizer hyperparameters are
-# re-set from the config after the checkpoint restores them); a change to any other key
-# would not match the checkpoint's model, data or step, so it is refused.
-RESUMABLE = (
-    "optim.", "trainer.max_steps", "trainer.val_check_interval", "trainer.limit_val_batches",
-    "trainer.log_every_n_steps", "trainer.divergence_patience", "trainer.accelerator",
-    "trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.precision", "logger.",
-    "run.compile", "run.cache_dir", "run.output_dir", "data.num_workers", "growth.",
-)  # fmt: skip
-
-
-def resumed_config(ckpt_path: Path, overrides: list[str], composed: DictConfig) -> DictConfig:
-    """The checkpoint's own config with `key.sub=value` overrides on top (e.g. more steps).
-
-    Group selections (`model=tiny`) cannot change a resumed run: each one must give the
-    same section as the checkpoint has (so the original command line works with --resume).
-    Dotted overrides may change only RESUMABLE keys.
-    """
-    ckpt = read_checkpoint(ckpt_path)
-    original = ckpt["altup"]["config"]
-    merged = OmegaConf.create(original)
-    OmegaConf.set_struct(merged, True)
-    dotted = [o for o in overrides if "=" in o and "." in o.split("=", 1)[0]]
-    try:  # Hydra's own override grammar, so `a=[{step: 4}]` means what it means in a new run
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-
-        for override in OverridesParser.create().parse_overrides(dotted):
-            OmegaConf.update(merged, override.key_or_group.lstrip("+"), override.value())
-    except Exception as err:  # hydra's and omegaconf's errors are many; all mean a bad override
-        raise UserError(f"--resume override: {str(err).splitlines()[0]}") from None
-    grown = bool(merged.get("growth", {}).get("history"))
-    for item in overrides:
-        key = item.split("=", 1)[0].lstrip("+~")
-        if "." in key or key not in merged or (key in ("model", "ffn") and grown):
-            continue  # a grown run's model is no longer its preset
-        if _without_history(merged[key]) != _without_history(composed.get(key)):
-            raise UserError(
-                f"--resume: {item} differs from the checkpoint's {key}; "
-                "a resumed run keeps its config groups"
-            )
-    changed = [
-        k for k in _changed_keys(original, OmegaConf.to_container(merged))
-        if not k.startswith(RESUMABLE)
-    ]  # fmt: skip
-    if changed:
-        raise UserError(
-            f"--resume: {', '.join(changed)} cannot change in a resumed run (the checkpoint "
-            "was trained with its own value); start a new run to change it"
-        )
-    return merged
-
-
-def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested config dicts."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        keys = sorted(set(old) | set(new), key=str)
-        return [c for k in keys for c in _changed_keys(old.get(k), new.get(k), f"{prefix}{k}.")]
-    return [] if old == new else [prefix.rstrip(".")]
-
-
-def _without_history(section: Any) -> Any:
-    """A config section as a plain value, minus the growth history a run accumulates."""
-    if isinstance(section, DictConfig):
-        section = OmegaConf.to_container(section)
-    if isinstance(section, dict):
-        return {k: v for k, v in section.items() if k != "history"}
-    return section
 
 
 class _DropLightningTips(logging.Filter):
@@ -389,8 +275,8 @@ def train(
             f"{s.trainer.max_steps}); nothing to do, nothing changed. Raise trainer.max_steps "
             "to train on."
         )
-        return resume_ckpt.parent.parent
-    in_its_run = resume_ckpt is not None and resume_ckpt.parent.name == "checkpoints"
+        return run_dir_of(resume_ckpt)
+    in_its_run = resume_ckpt is not None and in_run_dir(resume_ckpt)
     claims = RUN_DIR_ENV not in os.environ and not in_its_run and rank == 0
     if claims:
         check_claimable(s)
@@ -411,7 +297,7 @@ def train(
     if RUN_DIR_ENV in os.environ:
         run_dir = Path(os.environ[RUN_DIR_ENV])
     elif in_its_run:
-        run_dir = resume_ckpt.parent.parent  # type: ignore[union-attr]
+        run_dir = run_dir_of(resume_ckpt)  # type: ignore[arg-type]
     elif claims:
         run_dir = claim_run_dir(s)
     else:
