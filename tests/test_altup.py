@@ -20,7 +20,9 @@ from torch import nn
 import altup_cli
 from altup_cli.config import compose_config
 from altup_cli.models import ModelConfig, TransformerLM, parameter_counts, training_flops_per_token
-from altup_cli.models.altup import AltUpConfig, AltUpLayer, SequenceAltUpLayer
+from altup_cli.models.altup import AltUpLayer
+from altup_cli.models.config import AltUpConfig
+from altup_cli.models.sequence_altup import SequenceAltUpLayer
 from altup_cli.training.optim import param_groups
 from tests.flops import count_flops
 

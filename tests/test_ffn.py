@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from altup_cli.models import ModelConfig, TransformerLM, parameter_counts
-from altup_cli.models.altup import AltUpConfig
+from altup_cli.models.config import AltUpConfig, FFNConfig
 from altup_cli.models.counting import active_parameters, forward_flops_per_token
-from altup_cli.models.feedforward import MLP, FFNConfig
+from altup_cli.models.feedforward import MLP
 from altup_cli.models.moe import MoE
 from altup_cli.models.peer import PEER
 from altup_cli.models.pkm import PKM

@@ -16,10 +16,10 @@ from altup_cli.growth import TRANSFORMS, apply_plan, grow, parse_op, plan
 from altup_cli.growth.remap import new_mask, old_entries, place
 from altup_cli.growth.transforms import layers as layers_plan
 from altup_cli.growth.transforms import placement_function
-from altup_cli.models.altup import AltUpConfig, AltUpLayer
-from altup_cli.models.feedforward import FFNConfig
+from altup_cli.models.altup import AltUpLayer
+from altup_cli.models.config import AltUpConfig, FFNConfig, ModelConfig
 from altup_cli.models.row_gradients import is_table, materialize_row_grad
-from altup_cli.models.transformer import ModelConfig, TransformerLM
+from altup_cli.models.transformer import TransformerLM
 from altup_cli.training.optim import build_optimizer, group_names, indexed_state_dict, named_state
 from tests.conftest import make_prose
 

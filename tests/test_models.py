@@ -17,7 +17,7 @@ from altup_cli.models import (
     parameter_counts,
     training_flops_per_token,
 )
-from altup_cli.models.altup import AltUpConfig
+from altup_cli.models.config import AltUpConfig
 from tests.flops import count_flops
 
 CONFIGS = [
@@ -246,7 +246,7 @@ def test_padding_never_reaches_training(kind: str, pooling: str) -> None:
     import warnings
 
     from altup_cli.glue.tasks import TASKS
-    from altup_cli.models.feedforward import FFNConfig
+    from altup_cli.models.config import FFNConfig
     from altup_cli.training.glue import GlueModule
 
     torch.manual_seed(11)

@@ -2,7 +2,10 @@
 
 `grow(model, [parse_op("mlp_width=2048"), …], state)` returns a larger model computing the
 same function (and its remapped Adam state); `transforms.py` holds the six transforms and
-PEER's, `remap.py` the tensor and optimizer-state moves they share.
+the feed-forward kinds' own (`ffn.d_key`, `ffn.num_experts`), which place each registered
+kind's tensors by the layout its registry entry declares; `remap.py` the tensor and
+optimizer-state moves they share. It imports only `altup_cli.models`; training, config
+and the commands import it.
 """
 
 from altup_cli.growth.ops import GrowthOp, grow, parse_op, plan, preset_ops

@@ -11,8 +11,15 @@ from typing import Any
 import torch
 
 from altup_cli.growth.remap import NamedState
-from altup_cli.growth.transforms import EXACT, current_size, grow_one, grown_config
-from altup_cli.models.transformer import ModelConfig, TransformerLM
+from altup_cli.growth.transforms import (
+    FFN_FIELDS,
+    current_size,
+    grow_one,
+    grown_config,
+    inexact_reason,
+)
+from altup_cli.models.config import FFN_KINDS, STREAM_VARIANTS, ModelConfig
+from altup_cli.models.transformer import TransformerLM
 
 ALIASES = {
     "mlp_width": "mlp_width",
@@ -27,15 +34,13 @@ ALIASES = {
     "d_model": "residual_width",
     "layers": "layers",
     "n_layers": "layers",
-    "ffn.d_key": "ffn.d_key",
-    "ffn.num_experts": "ffn.num_experts",
+    **{name: name for name in FFN_FIELDS},  # each kind's own: ffn.d_key, ffn.num_experts
 }
-# Options whose growth cannot be exact, and why (spec, "PEER models").
+# Options whose growth cannot be exact, and why (spec, "PEER models"): the kinds' and
+# variants' own, and the vocabulary.
 NOT_EXACT = {
-    "ffn.heads": "a new PEER/PKM head adds its experts' output at once (exact only with a "
-    "zero-initialised per-head output gate, which these layers do not have)",
-    "ffn.topk": "more retrieved experts change every token's output and softmax weights",
-    "altup.K": "a new AltUp block changes the readout (not one of the six transforms)",
+    **{f"ffn.{f}": why for k in FFN_KINDS.values() for f, why in k.growth_refusals.items()},
+    **{f"altup.{f}": why for v in STREAM_VARIANTS.values() for f, why in v.growth_refusals.items()},
     "vocab_size": "new tokens need a new tokenizer",
 }
 # A preset's growable fields, in the order `--to` applies them.
@@ -113,9 +118,10 @@ def plan(
         if size == current_size(cfg, op.kind):
             continue
         cfg = grown_config(cfg, op.kind, size, op.position)
-        if op.kind not in EXACT and not allow_inexact:
+        why = inexact_reason(cfg, op.kind)
+        if why is not None and not allow_inexact:
             raise ValueError(
-                f"{op} is not function-preserving (new experts can enter the top-k); "
+                f"{op} is not function-preserving ({why}); "
                 "pass --allow-inexact to apply it and report the output change"
             )
         steps.append((op, size, cfg))

@@ -14,26 +14,35 @@ rescale rule of every tensor follows the paper's proofs (spec table):
 | residual_width | new embedding, W_O, W2 outputs     | new input-side weights    | gains, eps     |
 | layers         | the new layer's W_O and W2         | the rest of the new layer | —              |
 
-PEER/PKM: `ffn.d_key` (new sub-key columns zero) is exact; `ffn.num_experts` is not (new
-experts can take top-k slots) and is only applied when the caller allows it.
+The feed-forward kinds and stream variants describe their own tensors (`layout`: the
+`Span` each axis runs along, `models.config`); `SPANS` here says where the old entries
+of a span sit once its config field has grown, so mlp_width, residual_width and the
+kinds' own `ffn.<field>` ops place every registered kind's tensors the same way. PEER/PKM:
+`ffn.d_key` (new sub-key columns zero) is exact; `ffn.num_experts` is not (new experts can
+take top-k slots) and is only applied when the caller allows it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 
 import torch
 
 from altup_cli.growth.remap import Axis, NamedState, Placement, blocked, prefix, rebuild
-from altup_cli.models.altup import AltUpLayer, Readout, SequenceAltUpLayer
-from altup_cli.models.feedforward import MLP
-from altup_cli.models.moe import MoE
-from altup_cli.models.peer import PEER
-from altup_cli.models.pkm import PKM
-from altup_cli.models.product_keys import ProductKeyRetrieval
-from altup_cli.models.transformer import Attention, ModelConfig, RMSNorm, TransformerLM
+from altup_cli.models.config import (
+    FALLBACK_KIND,
+    FFN_KINDS,
+    ModelConfig,
+    Span,
+    ffn_kind,
+    module_layouts,
+    stream_variant,
+    writes_stream,
+)
+from altup_cli.models.stream import StreamLayer
+from altup_cli.models.transformer import Attention, Block, RMSNorm, TransformerLM
 
 Placements = dict[str, Placement]
 Result = tuple[TransformerLM, NamedState | None]
@@ -41,21 +50,54 @@ Result = tuple[TransformerLM, NamedState | None]
 Plan = tuple[ModelConfig, "Placements | Callable[[str], Placement]"]
 Gen = torch.Generator | None
 
-# Output projections of a layer: zero in an inserted layer, so the layer is the identity.
-OUTPUT_SIDE = ("attn.wo.weight", "ffn.w2.weight", "ffn.w2", "ffn.down", "ffn.values")
-ALTUP_SCALARS = ("predictor", "corrector")  # kept as built in a new layer: x̂ = x
-
-
-FIELDS = {  # transform → the ModelConfig (or ffn) field it grows
+CORE_FIELDS = {  # transform → the ModelConfig field it grows
     "mlp_width": "d_ff",
     "heads": "n_heads",
     "value_dim": "v_head_dim",
     "key_dim": "head_dim",
     "residual_width": "d_model",
     "layers": "n_layers",
-    "ffn.d_key": "ffn.d_key",
-    "ffn.num_experts": "ffn.num_experts",
 }
+# The feed-forward fields some kind can grow: `ffn.d_key`, `ffn.num_experts`.
+FFN_FIELDS = list(dict.fromkeys(f"ffn.{f}" for k in FFN_KINDS.values() for f in k.growable))
+FIELDS = {**CORE_FIELDS, **{name: name for name in FFN_FIELDS}}
+def _blocks_of(old: ModelConfig, new: ModelConfig, n: int) -> torch.Tensor:
+    return blocked(n // old.d_model, old.d_model, new.d_model)
+
+
+def _key_features(old: ModelConfig, new: ModelConfig, n: int) -> torch.Tensor:
+    half, new_half = old.ffn.d_key // 2, new.ffn.d_key // 2
+    return blocked(n // half, half, new_half)
+
+
+def _expert_rows(old: ModelConfig, new: ModelConfig, n: int) -> torch.Tensor:
+    """Flat expert index i·r + j moves to i·r̂ + j."""
+    r, new_r = math.isqrt(old.ffn.num_experts), math.isqrt(new.ffn.num_experts)
+    return blocked(r, r, new_r)
+
+
+def _appended(old: ModelConfig, new: ModelConfig, n: int) -> torch.Tensor:
+    return prefix(n)
+
+
+# span → (the field whose growth moves it, where an axis of old length n keeps its entries)
+SPANS: dict[str, tuple[str, Callable[[ModelConfig, ModelConfig, int], torch.Tensor]]] = {
+    "d_model": ("d_model", _appended),
+    "d_model_blocks": ("d_model", _blocks_of),
+    "d_ff": ("d_ff", _appended),
+    "key_features": ("ffn.d_key", _key_features),
+    "key_half": ("ffn.d_key", _appended),
+    "sub_keys": ("ffn.num_experts", _appended),
+    "experts": ("ffn.num_experts", _expert_rows),
+}
+
+
+def output_side() -> tuple[str, ...]:
+    """Block tensors an inserted layer must zero to be the identity: W_O and every kind's
+    tensors that write the stream (W2, MoE's w2, PEER's down, PKM's values)."""
+    kinds = FFN_KINDS.values()
+    writers = (f"ffn.{n}" for k in kinds for n, s in k.layout.items() if writes_stream(s))
+    return ("attn.wo.weight", *dict.fromkeys(writers))
 
 
 def current_size(cfg: ModelConfig, kind: str) -> int:
@@ -65,33 +107,47 @@ def current_size(cfg: ModelConfig, kind: str) -> int:
     return getattr(cfg, field_name)
 
 
+def inexact_reason(cfg: ModelConfig, kind: str) -> str | None:
+    """Why growing `kind` changes the function of a model of `cfg`, or None if it does not."""
+    if not kind.startswith("ffn."):
+        return None
+    return ffn_kind(cfg.ffn.kind).inexact_growth.get(kind[4:])
+
+
 def grown_config(
     cfg: ModelConfig, kind: str, size: int, position: int | None = None
 ) -> ModelConfig:
     """The config after growing `kind` to `size`, or a ValueError naming why it cannot."""
     old = current_size(cfg, kind)
-    if kind.startswith("ffn.") and cfg.ffn.kind not in ("peer", "pkm"):
-        raise ValueError(f"{kind} grows PEER/PKM layers; this model has ffn.kind={cfg.ffn.kind}")
+    if kind.startswith("ffn.") and kind[4:] not in ffn_kind(cfg.ffn.kind).growable:
+        able = "/".join(k.label for k in FFN_KINDS.values() if kind[4:] in k.growable)
+        raise ValueError(f"{kind} grows {able} layers; this model has ffn.kind={cfg.ffn.kind}")
     if size < old:
         raise ValueError(f"{kind}: cannot shrink from {old} to {size} (growth only enlarges)")
-    if kind in ("key_dim", "ffn.d_key") and size % 2:
+    if kind == "key_dim" and size % 2:
         raise ValueError(f"{kind} must stay even (rotary pairs / two key halves), got {size}")
-    if kind == "ffn.num_experts" and math.isqrt(size) ** 2 != size:
-        raise ValueError(f"ffn.num_experts must be a perfect square, got {size}")
+    if kind.startswith("ffn."):
+        ffn_kind(cfg.ffn.kind).check_growth(kind[4:], size)
+        return replace(cfg, ffn=replace(cfg.ffn, **{kind[4:]: size}))
     if kind == "residual_width":
         return replace(cfg, d_model=size, norm_eps=cfg.norm_eps * old / size)
     if kind == "layers":
-        at = old if position is None else position
-        if not 0 <= at <= old:
-            raise ValueError(f"layers: insertion position {at} outside 0..{old}")
-        ffn = cfg.ffn
-        if ffn.layers != "all" and ffn.kind != "dense":  # keep the same layers' kind
-            kept = ffn.layer_indices(old)
-            ffn = replace(ffn, layers=[i if i < at else i + size - old for i in kept])
-        return replace(cfg, n_layers=size, ffn=ffn)
-    if kind.startswith("ffn."):
-        return replace(cfg, ffn=replace(cfg.ffn, **{kind[4:]: size}))
+        return _with_layers(cfg, size, old if position is None else position)
     return replace(cfg, **{FIELDS[kind]: size})
+
+
+def _with_layers(cfg: ModelConfig, n_layers: int, at: int) -> ModelConfig:
+    """Layers inserted before `at`; the layers that had a kind or variant keep it."""
+    old = cfg.n_layers
+    if not 0 <= at <= old:
+        raise ValueError(f"layers: insertion position {at} outside 0..{old}")
+    ffn, added = cfg.ffn, n_layers - old
+    if ffn.layers != "all" and ffn.kind != FALLBACK_KIND:
+        kept = ffn.layer_indices(old)
+        ffn = replace(ffn, layers=[i if i < at else i + added for i in kept])
+    grow_layers = stream_variant(cfg.altup.mode).grow_layers
+    altup = cfg.altup if grow_layers is None else grow_layers(cfg, at, added)
+    return replace(cfg, n_layers=n_layers, ffn=ffn, altup=altup)
 
 
 def placement_function(plan: Plan) -> Callable[[str], Placement]:
@@ -116,10 +172,8 @@ def apply_plan(
     generator = generator or torch.Generator().manual_seed(0)
     new_state = rebuild(model, new, placement_function(plan), state, generator)
     for layer in new.modules():  # their Python copies of the stored per-layer schedule
-        if isinstance(layer, AltUpLayer):
-            layer.sync_active()
-        elif isinstance(layer, SequenceAltUpLayer):
-            layer.sync_offset()
+        if isinstance(layer, StreamLayer):
+            layer.sync_schedule()
     return new, new_state
 
 
@@ -127,19 +181,36 @@ def _modules(model: TransformerLM, kind: type) -> list[tuple[str, torch.nn.Modul
     return [(f"{n}." if n else "", m) for n, m in model.named_modules() if isinstance(m, kind)]
 
 
+def _laid_out(model: TransformerLM) -> Iterator[tuple[str, torch.Tensor, Mapping[int, Span]]]:
+    """(name, tensor, spans) of every tensor a registered kind or variant lays out."""
+    layouts = module_layouts()
+    for p, module in model.named_modules():
+        layout = layouts.get(type(module), {})
+        tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+        for name, spans in layout.items():
+            if name in tensors:
+                yield (f"{p}.{name}" if p else name), tensors[name], spans
+
+
+def span_placements(model: TransformerLM, field: str, new_cfg: ModelConfig) -> Placements:
+    """Where the old entries of every laid-out tensor go when `field` grows."""
+    placements: Placements = {}
+    for name, tensor, spans in _laid_out(model):
+        moved = {a: s for a, s in spans.items() if SPANS[s.dim][0] == field}
+        if moved:
+            axes = {
+                a: Axis(SPANS[s.dim][1](model.config, new_cfg, tensor.shape[a]), zero=s.zero)
+                for a, s in moved.items()
+            }
+            fill = "built" if any(s.built for s in moved.values()) else "random"
+            placements[name] = Placement(name, axes, fill=fill)
+    return placements
+
+
 def mlp_width(model: TransformerLM, d_ff: int) -> Plan:
     """MLP hidden width p → p̂: new W1 rows free, new W2 columns zero (MoE experts too)."""
-    old = model.config.d_ff
-    grow, zero = Axis(prefix(old)), Axis(prefix(old), zero=True)
-    placements: Placements = {}
-    for p, _ in _modules(model, MLP):
-        placements[p + "w1.weight"] = Placement(p + "w1.weight", {0: grow})
-        placements[p + "w2.weight"] = Placement(p + "w2.weight", {1: zero})
-    for p, _ in _modules(model, MoE):  # w1 (E, d, p), w2 (E, p, d)
-        placements[p + "w1"] = Placement(p + "w1", {2: grow})
-        placements[p + "w2"] = Placement(p + "w2", {1: zero})
     new_cfg = grown_config(model.config, "mlp_width", d_ff)
-    return new_cfg, placements
+    return new_cfg, span_placements(model, "d_ff", new_cfg)
 
 
 def _attention(
@@ -151,8 +222,6 @@ def _attention(
             name = f"{p}{w}.weight"
             placements[name] = Placement(name, ax, scale=(scale or {}).get(w, 1.0))
     return placements
-
-
 def heads(model: TransformerLM, n_heads: int) -> Plan:
     """Heads E → Ê: new heads' W_Q, W_K, W_V free, their slice of W_O zero."""
     c = model.config
@@ -202,56 +271,40 @@ def residual_width(model: TransformerLM, d_model: int) -> Plan:
     """Residual width h → ĥ: the stream becomes [x, 0]. Output sides writing to it are
     zero-padded, input sides reading it get free columns, and since RMS([x, 0]) =
     RMS(x)·√(h/ĥ), every RMSNorm gain is scaled by √(h/ĥ) and eps by h/ĥ (spec, transform 5).
-    AltUp's K·d embedding is padded block by block."""
+    A K·d-wide (AltUp) embedding is padded block by block."""
     c = model.config
     d = c.d_model
+    new_cfg = grown_config(c, "residual_width", d_model)
     grow, zero = Axis(prefix(d)), Axis(prefix(d), zero=True)
-    K = c.altup.K if c.altup.mode == "altup" else 1
+    embed_blocks = _blocks_of(c, new_cfg, model.embed.weight.shape[1])
     placements: Placements = {
-        "embed.weight": Placement("embed.weight", {1: Axis(blocked(K, d, d_model), zero=True)}),
+        "embed.weight": Placement("embed.weight", {1: Axis(embed_blocks, zero=True)}),
         "lm_head.weight": Placement("lm_head.weight", {1: grow}),  # untied heads only
     }
-
-    def put(name: str, axes: dict[int, Axis], **kwargs: object) -> None:
-        placements[name] = Placement(name, axes, **kwargs)  # type: ignore[arg-type]
-
     for p, _ in _modules(model, RMSNorm):
-        put(p + "weight", {0: grow}, scale=math.sqrt(d / d_model), fill="mean")
+        name = p + "weight"
+        placements[name] = Placement(name, {0: grow}, scale=math.sqrt(d / d_model), fill="mean")
     for p, _ in _modules(model, Attention):
         for w in ("wq", "wk", "wv"):
-            put(f"{p}{w}.weight", {1: grow})
-        put(p + "wo.weight", {0: zero})
-    for p, _ in _modules(model, MLP):
-        put(p + "w1.weight", {1: grow})
-        put(p + "w2.weight", {0: zero})
-    for p, _ in _modules(model, MoE):
-        put(p + "router.weight", {1: grow})
-        put(p + "w1", {1: grow})
-        put(p + "w2", {2: zero})
-    for p, _ in _modules(model, ProductKeyRetrieval):
-        put(p + "query.weight", {1: grow})
-    for p, _ in _modules(model, PEER):
-        put(p + "up", {1: grow})
-        put(p + "down", {1: zero})
-    for p, _ in _modules(model, PKM):
-        put(p + "values", {1: zero})
-    for p, m in _modules(model, Readout):
-        if m.kind == "concat":  # (d, K·d): outputs zero, inputs block by block
-            put(p + "proj.weight", {0: zero, 1: Axis(blocked(c.altup.K, d, d_model))})
-    new_cfg = grown_config(c, "residual_width", d_model)
+            placements[f"{p}{w}.weight"] = Placement(f"{p}{w}.weight", {1: grow})
+        placements[p + "wo.weight"] = Placement(p + "wo.weight", {0: zero})
+    placements.update(span_placements(model, "d_model", new_cfg))
     return new_cfg, placements
 
 
 def layers(model: TransformerLM, n_layers: int, position: int | None = None) -> Plan:
     """Insert n̂ − n layers before layer `position` (None: at the end). A new layer's output
     projections are zero, so it is the identity; its other weights are drawn at the scale
-    of its neighbour's. Existing layers keep their stored AltUp active blocks; a new AltUp
-    layer has predictor I and activates block (its index mod K)."""
+    of its neighbour's, and its wrapper's own tensors (AltUp scalars: predictor I, block
+    its index mod K) are kept as built. Existing layers keep their stored schedules."""
     c = model.config
     new_cfg = grown_config(c, "layers", n_layers, position)
     added = n_layers - c.n_layers
     at = c.n_layers if position is None else position
     neighbour = max(at - 1, 0)
+    old_names, outputs = set(model.state_dict()), output_side()
+    in_block = {n.split(".")[0] for m in model.modules() if isinstance(m, Block)
+                for n, _ in m.named_parameters()}  # fmt: skip
 
     def placement_of(name: str) -> Placement:
         if not name.startswith("blocks."):
@@ -260,46 +313,26 @@ def layers(model: TransformerLM, n_layers: int, position: int | None = None) -> 
         i = int(j)
         if i < at or i >= at + added:
             return Placement(f"blocks.{i if i < at else i - added}.{rest}", fill="built")
-        like = None if rest.endswith(ALTUP_SCALARS) else f"blocks.{neighbour}.{rest}"
-        return Placement(None, zero=rest.endswith(OUTPUT_SIDE), like=like)
+        inner = rest.removeprefix("layer.")  # the Block's tensors sit under a wrapper's .layer
+        if inner.split(".")[0] not in in_block:
+            return Placement(None)  # the wrapper's own: as built
+        like = next(
+            (f"blocks.{neighbour}.{w}{inner}" for w in ("", "layer.")
+             if f"blocks.{neighbour}.{w}{inner}" in old_names),
+            None,
+        )  # fmt: skip
+        return Placement(None, zero=rest.endswith(outputs), like=like)
 
     return new_cfg, placement_of
 
 
-def key_dim_ffn(model: TransformerLM, d_key: int) -> Plan:
-    """PEER/PKM query/key dim d_key → d̂_key: each head's two query halves gain free
-    features (BatchNorm'd as before), the sub-keys gain zero columns: scores unchanged."""
-    c = model.config
-    new_cfg = grown_config(c, "ffn.d_key", d_key)
-    half, new_half = c.ffn.d_key // 2, d_key // 2
-    placements: Placements = {}
-    for p, m in _modules(model, ProductKeyRetrieval):
-        features = Axis(blocked(m.heads * 2, half, new_half))
-        placements[p + "query.weight"] = Placement(p + "query.weight", {0: features})
-        for b in ("weight", "bias", "running_mean", "running_var"):
-            name = f"{p}query_bn.{b}"
-            placements[name] = Placement(name, {0: features}, fill="built")
-        placements[p + "sub_keys"] = Placement(p + "sub_keys", {3: Axis(prefix(half), zero=True)})
-    return new_cfg, placements
+def _ffn_transform(field: str) -> Callable[[TransformerLM, int], Plan]:
+    def transform(model: TransformerLM, size: int) -> Plan:
+        new_cfg = grown_config(model.config, field, size)
+        return new_cfg, span_placements(model, field, new_cfg)
 
-
-def experts(model: TransformerLM, num_experts: int) -> Plan:
-    """PEER/PKM N = r² → N̂ = r̂²: NOT function-preserving (new experts can enter a top-k).
-    Sub-key tables gain free rows; flat index i·r + j moves to i·r̂ + j in the expert
-    tables and their moments; new experts' output rows are zero."""
-    c = model.config
-    new_cfg = grown_config(c, "ffn.num_experts", num_experts)
-    r, new_r = math.isqrt(c.ffn.num_experts), math.isqrt(num_experts)
-    rows = blocked(r, r, new_r)
-    placements: Placements = {}
-    for p, _ in _modules(model, ProductKeyRetrieval):
-        placements[p + "sub_keys"] = Placement(p + "sub_keys", {2: Axis(prefix(r))})
-    for p, _ in _modules(model, PEER):
-        placements[p + "up"] = Placement(p + "up", {0: Axis(rows)})
-        placements[p + "down"] = Placement(p + "down", {0: Axis(rows, zero=True)})
-    for p, _ in _modules(model, PKM):
-        placements[p + "values"] = Placement(p + "values", {0: Axis(rows, zero=True)})
-    return new_cfg, placements
+    transform.__doc__ = f"{field}: every kind's tensors placed by their layouts."
+    return transform
 
 
 TRANSFORMS: dict[str, Callable[..., Plan]] = {
@@ -309,8 +342,7 @@ TRANSFORMS: dict[str, Callable[..., Plan]] = {
     "key_dim": key_dim,
     "residual_width": residual_width,
     "layers": layers,
-    "ffn.d_key": key_dim_ffn,
-    "ffn.num_experts": experts,
+    **{field: _ffn_transform(field) for field in FFN_FIELDS},
 }
 
 
@@ -327,4 +359,6 @@ def grow_one(
     return apply_plan(model, plan, state, generator)
 
 
-EXACT = ("mlp_width", "heads", "value_dim", "key_dim", "residual_width", "layers", "ffn.d_key")
+# The transforms that preserve the function of every model that has them.
+_INEXACT = {f"ffn.{f}" for k in FFN_KINDS.values() for f in k.inexact_growth}
+EXACT = (*CORE_FIELDS, *(f for f in FFN_FIELDS if f not in _INEXACT))

@@ -1,119 +1,33 @@
-"""Alternating Updates (Baykal et al., NeurIPS 2023) around an ordinary layer stack.
+"""Alternating Updates (Baykal et al., NeurIPS 2023): `altup.mode=altup` and `recycled`.
 
-AltUp / Recycled-AltUp: the token representation is K blocks of width d, held
-block-first as (K, B, T, d). Each layer ℓ (§3, Alg. 1):
+The token representation is K blocks of width d, held block-first as (K, B, T, d). Each
+layer ℓ (§3, Alg. 1):
   predict  x̂ⁱ = Σⱼ P[i, j] xʲ                         (K×K trainable scalars)
   compute  ỹ  = L(input), input = x^{j*} (paper) or x̂^{j*} (Gemma 3n)
   correct  yⁱ = x̂ⁱ + g[i] · (ỹ − x̂^{j*})              (K trainable scalars)
 j* is the layer's activated block, stored as a buffer so growth can insert layers without
-renumbering. Sequence-AltUp applies the same trick along the sequence: the layer runs on
-every k-th token (anchors) and the other tokens are predicted and corrected from their
-anchor; stride-and-skip is the baseline where skipped tokens pass through. In a causal LM
-fixed anchors (t ≡ 0 mod k in every layer) leave a non-anchor token unseen by every later
-position; rotating anchors (layer ℓ's at t ≡ ℓ mod k, stored per layer) make every token
-an anchor in some layer. The scalars and the mixing stay fp32 under any cast or autocast.
+renumbering. AltUp widens the embedding to V × K·d; Recycled-AltUp replicates the width-d
+embedding K times. The scalars and the mixing stay fp32 under any cast or autocast.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-MODES = ("off", "altup", "recycled", "sequence", "stride_skip")
-SCHEDULES = ("alternating", "same")
-LAYER_INPUTS = ("original", "predicted")
-READOUTS = ("sum", "mean", "first", "concat")
-ANCHORS = ("fixed", "rotating")
+from altup_cli.models.config import (
+    AltUpConfig,
+    ModelConfig,
+    Span,
+    StreamVariant,
+    register_stream_variant,
+)
+from altup_cli.models.stream import StreamLayer, fp32, scalar
 
 
-@dataclass
-class AltUpConfig:
-    """`off`: the plain model. `altup`: a V×(K·d) embedding. `recycled`: the width-d
-    embedding replicated K times. `sequence` / `stride_skip`: anchors every `stride` tokens,
-    at t ≡ 0 (`fixed`: what configs from before `anchors` existed mean) or t ≡ ℓ mod k."""
-
-    mode: str = "off"
-    K: int = 2
-    schedule: str = "alternating"
-    layer_input: str = "original"
-    readout: str = "sum"
-    stride: int = 2
-    anchors: str = "fixed"
-
-    def __post_init__(self) -> None:
-        checks = [
-            (
-                self.mode in MODES,
-                f"altup.mode must be one of {', '.join(MODES)}, got {self.mode!r}",
-            ),
-            (self.K >= 1, f"altup.K must be >= 1, got {self.K}"),
-            (self.stride >= 1, f"altup.stride must be >= 1, got {self.stride}"),
-            (
-                self.schedule in SCHEDULES,
-                f"altup.schedule must be alternating or same, got {self.schedule!r}",
-            ),
-            (
-                self.layer_input in LAYER_INPUTS,
-                f"altup.layer_input must be original or predicted, got {self.layer_input!r}",
-            ),
-            (
-                self.readout in READOUTS,
-                f"altup.readout must be one of {', '.join(READOUTS)}, got {self.readout!r}",
-            ),
-            (
-                self.anchors in ANCHORS,
-                f"altup.anchors must be fixed or rotating, got {self.anchors!r}",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-
-    @property
-    def widens(self) -> bool:
-        """Whether the stream carries a block axis (B, T, K, d): (Recycled-)AltUp."""
-        return self.mode in ("altup", "recycled")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def fp32(t: torch.Tensor) -> torch.Tensor:
-    """At least fp32: bf16/fp16 are widened, fp64 (exactness tests) is kept."""
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
-
-
-def _scalar(value: torch.Tensor) -> nn.Parameter:
-    """An AltUp scalar parameter: fp32 and never weight-decayed."""
-    param = nn.Parameter(value.float())
-    param._no_weight_decay = True  # type: ignore[attr-defined]
-    return param
-
-
-class _FP32Scalars(nn.Module):
-    """A wrapper whose own parameters (the AltUp scalars) `.to(bf16)`, `.half()` and
-    `trainer.precision=bf16-true` leave in fp32: a 2⁻⁷ spacing near 1 would swallow their
-    updates. The wrapped layer is cast as asked; fp64 (exactness tests) applies to all."""
-
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
-        own = [p for p in self._parameters.values() if p is not None]
-        keep = {id(t) for p in own for t in (p, p.grad) if t is not None}
-
-        def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-            out = fn(t)
-            narrowed = out.is_floating_point() and out.dtype.itemsize < 4
-            if id(t) in keep and narrowed:
-                return t.to(out.device, torch.float32)  # moved as asked, not narrowed
-            return out
-
-        return super()._apply(at_least_fp32, recurse)
-
-
-class AltUpLayer(_FP32Scalars):
+class AltUpLayer(StreamLayer):
     """Predict → compute the wrapped layer on the activated block → correct.
 
     The stream is laid out block-first, (K, B, T, d), so predicting is one (K×K)·(K×N)
@@ -123,15 +37,15 @@ class AltUpLayer(_FP32Scalars):
     def __init__(self, layer: nn.Module, K: int, active_block: int, layer_input: str) -> None:
         super().__init__()
         self.layer, self.K, self.layer_input = layer, K, layer_input
-        self.predictor = _scalar(torch.eye(K))  # identity init: x̂ = x
-        self.corrector = _scalar(torch.ones(K))
+        self.predictor = scalar(torch.eye(K))  # identity init: x̂ = x
+        self.corrector = scalar(torch.ones(K))
         # Stored (and checkpointed) rather than derived from the layer number, so growth
         # can insert layers; `_active` mirrors it as a Python int for cheap indexing.
         self.register_buffer("active_block", torch.tensor([active_block]), persistent=True)
         self._active = active_block
-        self.register_load_state_dict_post_hook(lambda module, _: module.sync_active())
+        self.register_load_state_dict_post_hook(lambda module, _: module.sync_schedule())
 
-    def sync_active(self) -> None:
+    def sync_schedule(self) -> None:
         self._active = int(self.active_block)
 
     def set_active_block(self, block: int) -> None:
@@ -238,98 +152,6 @@ class _Mix(torch.autograd.Function):
         return x_grad, out_grad, mixing_grad, None
 
 
-class SequenceAltUpLayer(_FP32Scalars):
-    """The layer runs on anchors (tokens o, o+k, o+2k, …) at their original rotary positions.
-
-    `sequence`: every token t with anchor a = o + ⌊(t−o)/k⌋·k ≤ t (causal) is predicted as
-    x̂_t = α·x_t + β·x_a and corrected with the anchor's innovation: y_t = x̂_t + γ·(ỹ_a − x̂_a).
-    `stride_skip`: anchors take ỹ_a, the other tokens pass through unchanged. Tokens before
-    the first anchor (t < o) have no anchor at or before them: they pass through.
-    The offset o is 0 (`fixed`: no buffer, the state dict of before `anchors`) or stored per
-    layer (`rotating`, so growth can insert layers), mirrored as `_offset` like the AltUp
-    active block.
-    """
-
-    def __init__(
-        self, layer: nn.Module, stride: int, skip_only: bool, offset: int | None = None
-    ) -> None:
-        super().__init__()
-        self.layer, self.stride, self.skip_only = layer, stride, skip_only
-        if not skip_only:
-            self.predictor = _scalar(torch.tensor([1.0, 0.0]))  # (α, β): x̂_t = x_t
-            self.corrector = _scalar(torch.tensor(1.0))  # γ
-        self._offset = 0
-        if offset is not None:
-            self.register_buffer("anchor_offset", torch.tensor([offset]), persistent=True)
-            self._offset = offset
-            self.register_load_state_dict_post_hook(lambda module, _: module.sync_offset())
-
-    def sync_offset(self) -> None:
-        if hasattr(self, "anchor_offset"):
-            self._offset = int(self.anchor_offset)
-
-    def set_anchor_offset(self, offset: int) -> None:
-        with torch.no_grad():
-            self.anchor_offset.fill_(offset)
-        self._offset = offset
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        o = self._offset
-        if o == 0:
-            return self._from_first_token(x, cos, sin)
-        if o >= x.shape[1]:
-            return x  # no anchor in a sequence this short: every token passes through
-        tail = self._from_first_token(x[:, o:], cos[o:], sin[o:])
-        return torch.cat([x[:, :o], tail], dim=1)
-
-    def _from_first_token(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> torch.Tensor:
-        """Anchors at tokens 0, k, 2k, … of `x`."""
-        k, T = self.stride, x.shape[1]
-        anchors = x[:, ::k]
-        anchor_out = self.layer(anchors, cos[::k], sin[::k])
-        if self.skip_only:
-            out = x.clone()
-            out[:, ::k] = anchor_out
-            return out
-        with torch.autocast(x.device.type, enabled=False):
-            alpha, beta = self.predictor[0], self.predictor[1]
-            of_anchor = torch.arange(T, device=x.device) // k  # anchor index of each token
-            x32, a32 = fp32(x), fp32(anchors)
-            predicted = alpha * x32 + beta * a32.index_select(1, of_anchor)
-            pred_anchor = (alpha + beta) * a32
-            innovation = (a32 - pred_anchor) + (fp32(anchor_out) - a32)
-            out = predicted + self.corrector * innovation.index_select(1, of_anchor)
-        return out.type_as(x)
-
-
-def active_block(cfg: AltUpConfig, layer_index: int) -> int:
-    return layer_index % cfg.K if cfg.schedule == "alternating" else 0
-
-
-def anchor_offset(cfg: AltUpConfig, layer_index: int) -> int | None:
-    """Layer ℓ's first anchor: ℓ mod k when rotating, so every token is an anchor in some
-    layer once there are ≥ k layers; None (always 0, not stored) when fixed."""
-    return layer_index % cfg.stride if cfg.anchors == "rotating" else None
-
-
-def anchor_count(seq_len: int, stride: int, offset: int) -> int:
-    """Anchors o, o+k, … below T: ⌈(T − o)/k⌉ (0 when o ≥ T). With rotating offsets a partial
-    last stride gives some layers one anchor fewer than ⌈T/k⌉."""
-    return max(0, -(-(seq_len - offset) // stride))
-
-
-def wrap_layer(cfg: AltUpConfig, layer: nn.Module, layer_index: int) -> nn.Module:
-    """The layer as the configured AltUp variant runs it (unchanged when AltUp is off)."""
-    if cfg.mode in ("altup", "recycled"):
-        return AltUpLayer(layer, cfg.K, active_block(cfg, layer_index), cfg.layer_input)
-    if cfg.mode in ("sequence", "stride_skip"):
-        skip_only, offset = cfg.mode == "stride_skip", anchor_offset(cfg, layer_index)
-        return SequenceAltUpLayer(layer, cfg.stride, skip_only, offset)
-    return layer
-
-
 class Readout(nn.Module):
     """K blocks (K, B, T, d) → one (B, T, d) before the final norm and LM head."""
 
@@ -349,9 +171,76 @@ class Readout(nn.Module):
         return self.proj(h.movedim(0, -2).flatten(-2))  # blocks side by side: [x¹ … x^K]
 
 
-def widen(cfg: AltUpConfig, embedded: torch.Tensor, d_model: int) -> torch.Tensor:
-    """Embedding output (B, T, ·) → the block-first stream (K, B, T, d): split a K·d
-    table, or replicate the width-d embedding (Recycled-AltUp)."""
-    if cfg.mode == "altup":
-        return embedded.unflatten(-1, (cfg.K, d_model)).movedim(-2, 0).contiguous()
+def active_block(cfg: AltUpConfig, layer_index: int) -> int:
+    return layer_index % cfg.K if cfg.schedule == "alternating" else 0
+
+
+def _wrap(cfg: ModelConfig, layer: nn.Module, layer_index: int) -> nn.Module:
+    a = cfg.altup
+    return AltUpLayer(layer, a.K, active_block(a, layer_index), a.layer_input)
+
+
+def _split(cfg: AltUpConfig, embedded: torch.Tensor, d_model: int) -> torch.Tensor:
+    """A K·d-wide embedding (B, T, K·d) → the block-first stream (K, B, T, d)."""
+    return embedded.unflatten(-1, (cfg.K, d_model)).movedim(-2, 0).contiguous()
+
+
+def _replicate(cfg: AltUpConfig, embedded: torch.Tensor, d_model: int) -> torch.Tensor:
+    """Recycled-AltUp: the width-d embedding (B, T, d) as K equal blocks (K, B, T, d)."""
     return embedded.unsqueeze(0).expand(cfg.K, *embedded.shape)
+
+
+def _readout(cfg: AltUpConfig, d_model: int) -> nn.Module:
+    return Readout(cfg.readout, cfg.K, d_model)
+
+
+def _readout_matrix(cfg: ModelConfig) -> int:
+    a = cfg.altup
+    return a.K * cfg.d_model * cfg.d_model if a.readout == "concat" else 0
+
+
+def _parameters(cfg: ModelConfig) -> int:
+    """Predictor P and corrector g in every layer, and a concat readout's K·d → d matrix."""
+    K = cfg.altup.K
+    return cfg.n_layers * (K * K + K) + _readout_matrix(cfg)
+
+
+def _flops(cfg: ModelConfig, seq_len: int) -> float:
+    """Predict + correct as one K × (K+1) product over [x¹ … x^K, ỹ] per layer; feeding the
+    layer the predicted block adds one row of P: K·d more multiply-adds."""
+    a, d = cfg.altup, cfg.d_model
+    predict = 2 * a.K * (a.K + 1) * d + (2 * a.K * d if a.layer_input == "predicted" else 0)
+    return float(cfg.n_layers * predict + 2 * _readout_matrix(cfg))
+
+
+# The concat readout (d, K·d): outputs zero, inputs block by block.
+_LAYOUTS = {Readout: {"proj.weight": {0: Span("d_model", zero=True), 1: Span("d_model_blocks")}}}
+_REFUSALS = {"K": "a new AltUp block changes the readout (not one of the six transforms)"}
+_K3 = {"mode": "altup", "K": 3, "readout": "concat", "layer_input": "predicted"}
+
+
+def _variant(name: str, embed_width: Any, widen: Any, **facts: Any) -> StreamVariant:
+    return StreamVariant(
+        name=name, wrap=_wrap, embed_width=embed_width, widen=widen, readout=_readout,
+        parameters=_parameters, flops=_flops, layouts=_LAYOUTS, growth_refusals=_REFUSALS,
+        **facts,
+    )  # fmt: skip
+
+
+register_stream_variant(
+    _variant(
+        "altup", lambda a: a.K, _split,
+        sweep={"altup_k2": ("ffn=dense", "altup=k2")},
+        examples={
+            "altup K=2": {"altup": {"mode": "altup", "K": 2}},
+            "altup K=3": {"altup": _K3, "tie_embeddings": False},
+        },
+    )
+)  # fmt: skip
+register_stream_variant(
+    _variant(
+        "recycled", lambda a: 1, _replicate,
+        sweep={"recycled_k2": ("ffn=dense", "altup=recycled_k2")},
+        examples={"recycled K=2": {"altup": {"mode": "recycled", "K": 2}}},
+    )
+)  # fmt: skip

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from altup_cli.models.config import FFNConfig, FFNKind, ModelConfig, Span, register_ffn_kind
+
 ROUTINGS = ("token_choice", "expert_choice")
 
 
@@ -130,3 +132,51 @@ class MoE(nn.Module):
         weights, _ = self.assignments(self.probabilities(flat))
         every = torch.stack([self.mlp(expert, flat) for expert in self.experts()], 1)
         return torch.einsum("ne,ned->nd", weights.to(flat.dtype), every).view(x.shape)
+
+
+def _build(cfg: ModelConfig) -> MoE:
+    f = cfg.ffn
+    return MoE(
+        cfg.d_model, cfg.d_ff, f.num_experts, f.topk, f.routing, f.capacity, f.balance_weight,
+        cfg.init_std, cfg.output_std,
+    )  # fmt: skip
+
+
+def _check(f: FFNConfig) -> None:
+    check_moe(f.num_experts, f.topk, f.routing, f.capacity)
+
+
+def _flops(cfg: ModelConfig) -> dict[str, float]:
+    """The router, and the MLPs of the experts a token meets. Expert choice: each expert
+    takes C = min(n, ⌈capacity·k·n/E⌉) of the n tokens, so a token meets E·C/n experts on
+    average: capacity·k, at most E (exact when capacity·k·n/E is a whole number or
+    capacity·k ≥ E)."""
+    f, d = cfg.ffn, cfg.d_model
+    per_token = min(f.num_experts, f.topk * f.capacity) if f.routing == "expert_choice" else f.topk
+    return {"experts": 2.0 * d * f.num_experts + per_token * 4 * d * cfg.d_ff}
+
+
+register_ffn_kind(
+    FFNKind(
+        name="moe",
+        label="MoE",
+        module=MoE,
+        build=_build,
+        check=_check,
+        parameters=lambda cfg: {
+            "experts": cfg.d_model * cfg.ffn.num_experts
+            + cfg.ffn.num_experts * 2 * cfg.d_model * cfg.d_ff
+        },
+        active_parameters=lambda cfg: (
+            cfg.d_model * cfg.ffn.num_experts + cfg.ffn.topk * 2 * cfg.d_model * cfg.d_ff
+        ),
+        flops=_flops,
+        layout={  # router (E, d), w1 (E, d, p), w2 (E, p, d)
+            "router.weight": {1: Span("d_model")},
+            "w1": {1: Span("d_model"), 2: Span("d_ff")},
+            "w2": {1: Span("d_ff", zero=True), 2: Span("d_model", zero=True)},
+        },
+        sweep={"moe": ("ffn=moe", "altup=off")},
+        examples={"moe 4×top-2": {"ffn": {"kind": "moe", "num_experts": 4, "topk": 2}}},
+    )
+)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from altup_cli.models import product_keys as pk
+from altup_cli.models.config import FFNConfig, FFNKind, ModelConfig, Span, register_ffn_kind
 from altup_cli.models.product_keys import RetrievalLayer
 from altup_cli.models.row_gradients import expert_dots, expert_table, weighted_rows
 
@@ -67,3 +69,55 @@ class PEER(RetrievalLayer):
         u, v = self.up[idx], self.down[idx]  # (n, h, k, d) each
         hidden = ACTIVATIONS[self.activation](torch.einsum("nhkd,nd->nhk", u, flat))
         return torch.einsum("nhk,nhkd->nd", gates * hidden, v).view(x.shape)
+
+
+def _build(cfg: ModelConfig) -> PEER:
+    f = cfg.ffn
+    return PEER(
+        cfg.d_model, f.num_experts, f.heads, f.topk, f.d_key, f.query_bn, f.shared_keys,
+        f.activation, cfg.output_std,
+    )  # fmt: skip
+
+
+def check_peer(f: FFNConfig) -> None:
+    pk.check_retrieval(f)
+    check_activation(f.activation)
+
+
+def _flops(cfg: ModelConfig) -> dict[str, float]:
+    """Router, then u·x and g·σ·v for each of the h·k retrieved experts."""
+    f = cfg.ffn
+    experts = pk.router_flops(cfg) + f.heads * f.topk * 4 * cfg.d_model
+    return {"experts": float(experts), "retrieval": pk.candidate_sums(cfg)}
+
+
+register_ffn_kind(
+    FFNKind(
+        name="peer",
+        label="PEER",
+        module=PEER,
+        build=_build,
+        check=check_peer,
+        parameters=lambda cfg: {
+            "experts": pk.router_parameters(cfg) + 2 * cfg.ffn.num_experts * cfg.d_model
+        },
+        active_parameters=lambda cfg: (
+            pk.router_parameters(cfg) + cfg.ffn.heads * cfg.ffn.topk * 2 * cfg.d_model
+        ),
+        flops=_flops,
+        init=pk.reset_retrieval,
+        layout={
+            **pk.RETRIEVAL_LAYOUT,
+            "up": {0: Span("experts"), 1: Span("d_model")},
+            "down": {0: Span("experts", zero=True), 1: Span("d_model", zero=True)},
+        },
+        growable=pk.GROWABLE,
+        inexact_growth=pk.INEXACT,
+        growth_refusals=pk.REFUSALS,
+        check_growth=pk.check_growth,
+        logs_expert_usage=True,
+        supports_fsdp=False,  # its tables keep factored gradients FSDP cannot shard
+        sweep={"peer": ("ffn=peer", "altup=off")},
+        examples={"peer 64²": {"ffn": {"kind": "peer", **pk.GROWTH_EXAMPLE}}},
+    )
+)

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from altup_cli.models import product_keys as pk
+from altup_cli.models.config import FFNKind, ModelConfig, Span, register_ffn_kind
+from altup_cli.models.peer import check_peer
 from altup_cli.models.product_keys import RetrievalLayer
 from altup_cli.models.row_gradients import expert_table, weighted_rows
 
@@ -38,3 +41,46 @@ class PKM(RetrievalLayer):
         flat = x.reshape(-1, x.shape[-1])
         scores, idx = self.retrieval(flat)
         return torch.einsum("nhk,nhkd->nd", scores.softmax(-1), self.values[idx]).view(x.shape)
+
+
+def _build(cfg: ModelConfig) -> PKM:
+    f = cfg.ffn
+    return PKM(cfg.d_model, f.num_experts, f.heads, f.topk, f.d_key, f.query_bn, f.shared_keys)
+
+
+def _flops(cfg: ModelConfig) -> dict[str, float]:
+    """Router, then g·v for each of the h·k retrieved values."""
+    f = cfg.ffn
+    values = pk.router_flops(cfg) + f.heads * f.topk * 2 * cfg.d_model
+    return {"experts": float(values), "retrieval": pk.candidate_sums(cfg)}
+
+
+register_ffn_kind(
+    FFNKind(
+        name="pkm",
+        label="PKM",
+        module=PKM,
+        build=_build,
+        check=check_peer,  # the same fields as PEER's, checked the same way
+        parameters=lambda cfg: {
+            "experts": pk.router_parameters(cfg) + cfg.ffn.num_experts * cfg.d_model
+        },
+        active_parameters=lambda cfg: (
+            pk.router_parameters(cfg) + cfg.ffn.heads * cfg.ffn.topk * cfg.d_model
+        ),
+        flops=_flops,
+        init=pk.reset_retrieval,
+        layout={
+            **pk.RETRIEVAL_LAYOUT,
+            "values": {0: Span("experts", zero=True), 1: Span("d_model", zero=True)},
+        },
+        growable=pk.GROWABLE,
+        inexact_growth=pk.INEXACT,
+        growth_refusals=pk.REFUSALS,
+        check_growth=pk.check_growth,
+        logs_expert_usage=True,
+        supports_fsdp=False,  # its value table keeps factored gradients FSDP cannot shard
+        sweep={"pkm": ("ffn=pkm", "altup=off")},
+        examples={"pkm 64²": {"ffn": {"kind": "pkm", **pk.GROWTH_EXAMPLE}}},
+    )
+)

@@ -5,6 +5,9 @@ A key is the concatenation [c_i; c'_j] of one sub-key from each of two tables of
 score against q = [q1; q2] is q1·c_i + q2·c'_j. The top-k of all N sums lies among the sums
 of the two sub-score top-k lists (any key outside them is beaten by k keys inside), so
 retrieval is exact. The flat key index is i·√N + j.
+
+PEER and PKM share this module's config checks, counts of the router, growth layout and
+growth rules (`ffn.d_key` exact, `ffn.num_experts` not), which their registry entries use.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import math
 import torch
 from torch import nn
 
+from altup_cli.models.config import FFNConfig, ModelConfig, Span
 from altup_cli.models.row_gradients import clear_row_grads
 
 
@@ -34,6 +38,63 @@ def check_product_keys(num_keys: int, heads: int, topk: int, d_key: int) -> int:
         if not ok:
             raise ValueError(message)
     return root
+
+
+def check_retrieval(f: FFNConfig) -> None:
+    check_product_keys(f.num_experts, f.heads, f.topk, f.d_key)
+
+
+def router_parameters(cfg: ModelConfig) -> int:
+    """Query network, query BatchNorm and sub-key tables of one layer's retrieval."""
+    f, d = cfg.ffn, cfg.d_model
+    query = d * f.heads * f.d_key + (2 * f.heads * f.d_key if f.query_bn else 0)
+    tables = 1 if f.shared_keys else f.heads
+    return query + tables * math.isqrt(f.num_experts) * f.d_key
+
+
+def router_flops(cfg: ModelConfig) -> float:
+    """Forward FLOPs per token of the query network and the 2·√N sub-key scores per head."""
+    f, d = cfg.ffn, cfg.d_model
+    return 2 * d * f.heads * f.d_key + 2 * f.heads * math.isqrt(f.num_experts) * f.d_key
+
+
+def candidate_sums(cfg: ModelConfig) -> float:
+    """The h·k² candidate sums per token (1 FLOP each; FlopCounterMode does not see them)."""
+    return float(cfg.ffn.heads * cfg.ffn.topk**2)
+
+
+def check_growth(field: str, size: int) -> None:
+    """A ValueError for a number of keys or a key width product keys cannot have."""
+    if field == "d_key" and size % 2:
+        raise ValueError(f"ffn.d_key must stay even (rotary pairs / two key halves), got {size}")
+    if field == "num_experts" and math.isqrt(size) ** 2 != size:
+        raise ValueError(f"ffn.num_experts must be a perfect square, got {size}")
+
+
+def reset_retrieval(layer: nn.Module) -> None:
+    """Retrieval's own init, after the model's pass (which would overwrite its queries)."""
+    layer.retrieval.reset_parameters()  # type: ignore[operator]
+
+
+# How retrieval's tensors grow (under the layer's `retrieval.`): each head's two query
+# halves gain free features (BatchNorm'd as before) and the sub-keys zero columns, so
+# scores are unchanged; more experts add free sub-key rows.
+_FEATURES = Span("key_features", built=True)
+BATCHNORM = ("weight", "bias", "running_mean", "running_var")
+RETRIEVAL_LAYOUT = {
+    "retrieval.query.weight": {0: Span("key_features"), 1: Span("d_model")},
+    **{f"retrieval.query_bn.{b}": {0: _FEATURES} for b in BATCHNORM},
+    "retrieval.sub_keys": {2: Span("sub_keys"), 3: Span("key_half", zero=True)},
+}
+GROWABLE = ("num_experts", "d_key")
+# The growth benchmark's PEER and PKM layer: 64² experts in the middle layer.
+GROWTH_EXAMPLE = {"layers": "middle", "num_experts": 4096, "heads": 4, "topk": 8, "d_key": 64}
+INEXACT = {"num_experts": "new experts can enter the top-k"}
+REFUSALS = {
+    "heads": "a new PEER/PKM head adds its experts' output at once (exact only with a "
+    "zero-initialised per-head output gate, which these layers do not have)",
+    "topk": "more retrieved experts change every token's output and softmax weights",
+}
 
 
 class ProductKeyRetrieval(nn.Module):

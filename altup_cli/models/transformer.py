@@ -9,95 +9,21 @@ block of a wider stream through each layer.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from altup_cli.models.altup import (
-    AltUpConfig,
-    Readout,
-    SequenceAltUpLayer,
-    fp32,
-    widen,
-    wrap_layer,
+from altup_cli.models.config import (
+    FFN_KINDS,
+    ModelConfig,
+    ffn_layouts,
+    stream_variant,
+    writes_stream,
 )
-from altup_cli.models.feedforward import FFNConfig, build_feedforward, output_std
-from altup_cli.models.product_keys import ExpertUsage, ProductKeyRetrieval
+from altup_cli.models.feedforward import build_feedforward
+from altup_cli.models.product_keys import ExpertUsage
 from altup_cli.models.row_gradients import clear_row_grads
-
-
-@dataclass
-class ModelConfig:
-    """The single source of a model's shape. `None` head dims default to d_model // n_heads."""
-
-    vocab_size: int = 8192
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    head_dim: int | None = None  # query/key dim per head
-    v_head_dim: int | None = None  # value dim per head
-    d_ff: int = 512
-    max_seq_len: int = 256
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
-    tie_embeddings: bool = True
-    ffn: FFNConfig = field(default_factory=FFNConfig)
-    init_std: float = 0.02
-    altup: AltUpConfig = field(default_factory=AltUpConfig)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.altup, dict):
-            self.altup = AltUpConfig(**self.altup)
-        if isinstance(self.ffn, str):  # checkpoints from before the ffn group
-            self.ffn = FFNConfig(kind=self.ffn)
-        elif isinstance(self.ffn, dict):
-            self.ffn = FFNConfig(**self.ffn)
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
-        if (self.head_dim is None or self.v_head_dim is None) and self.d_model % self.n_heads:
-            raise ValueError(
-                f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model} "
-                "(set model.head_dim and model.v_head_dim explicitly to decouple them)"
-            )
-        if self.head_dim is None:
-            self.head_dim = self.d_model // self.n_heads
-        if self.v_head_dim is None:
-            self.v_head_dim = self.d_model // self.n_heads
-        if self.head_dim % 2:
-            raise ValueError(
-                f"model.head_dim must be even for rotary embeddings, got {self.head_dim}"
-            )
-        if self.norm_eps <= 0 or self.init_std <= 0 or self.rope_theta <= 0:
-            raise ValueError("model.norm_eps, model.init_std and model.rope_theta must be positive")
-        self.ffn.layer_indices(self.n_layers)  # indices in range
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown model config key(s): {', '.join(unknown)}")
-        altup = values.get("altup")
-        if isinstance(altup, dict):
-            altup_known = {f.name for f in fields(AltUpConfig)}
-            if set(altup) - altup_known:
-                raise ValueError(
-                    f"unknown altup key(s): {', '.join(sorted(set(altup) - altup_known))}"
-                )
-            values = {**values, "altup": AltUpConfig(**altup)}
-        ffn = values.get("ffn")
-        if isinstance(ffn, dict):
-            ffn_unknown = sorted(set(ffn) - {f.name for f in fields(FFNConfig)})
-            if ffn_unknown:
-                raise ValueError(f"unknown ffn key(s): {', '.join(ffn_unknown)}")
-        return cls(**values)
+from altup_cli.models.stream import fp32, positions_run
 
 
 class RMSNorm(nn.Module):
@@ -201,15 +127,15 @@ class TransformerLM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        wide = cfg.altup.mode == "altup"
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model * (cfg.altup.K if wide else 1))
+        variant = stream_variant(cfg.altup.mode)
+        wide = variant.embed_width(cfg.altup) > 1
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model * variant.embed_width(cfg.altup))
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
         self.blocks = nn.ModuleList(
-            wrap_layer(cfg.altup, Block(cfg, i), i) for i in range(cfg.n_layers)
+            variant.wrap(cfg, Block(cfg, i), i) for i in range(cfg.n_layers)
         )
-        self.readout = (
-            Readout(cfg.altup.readout, cfg.altup.K, cfg.d_model) if cfg.altup.widens else None
-        )
+        self.widen = variant.widen
+        self.readout = None if variant.readout is None else variant.readout(cfg.altup, cfg.d_model)
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head_from_embedding = cfg.tie_embeddings and wide
         if not self.head_from_embedding:
@@ -219,19 +145,32 @@ class TransformerLM(nn.Module):
             self.lm_head.weight = self.embed.weight
 
     def reset_parameters(self) -> None:
-        """GPT-2 style: N(0, init_std), output projections scaled by 1/sqrt(2·layers); then
-        product-key retrieval's own init (unit-variance scores), after this pass, which
-        would otherwise overwrite its query network."""
-        std = self.config.init_std
+        """GPT-2 style: N(0, init_std), output projections (the Linear layers writing the
+        residual stream) scaled by 1/sqrt(2·layers); then each feed-forward kind's own init
+        (product-key retrieval: unit-variance scores), which this pass would overwrite."""
+        std, outputs = self.config.init_std, self._output_projections()
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                scale = output_std(self.config) if _is_output_proj(name) else std
+                scale = self.config.output_std if name in outputs else std
                 nn.init.normal_(module.weight, mean=0.0, std=scale)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
+        kinds = {kind.module: kind.init for kind in FFN_KINDS.values() if kind.init}
         for module in self.modules():
-            if isinstance(module, ProductKeyRetrieval):
-                module.reset_parameters()
+            init = kinds.get(type(module))
+            if init is not None:
+                init(module)
+
+    def _output_projections(self) -> set[str]:
+        """Attention's W_O and the feed-forward kinds' Linear layers that write the stream."""
+        layouts, names = ffn_layouts(), set()
+        for prefix, module in self.named_modules():
+            if isinstance(module, Attention):
+                names.add(f"{prefix}.wo")
+            for tensor, spans in layouts.get(type(module), {}).items():
+                if tensor.endswith(".weight") and writes_stream(spans):
+                    names.add(f"{prefix}.{tensor.removesuffix('.weight')}")
+        return names
 
     def run_blocks(self, h: torch.Tensor) -> torch.Tensor:
         cos, sin = self.rotary.cos_sin(h.shape[-2], h.device)
@@ -251,8 +190,8 @@ class TransformerLM(nn.Module):
         if mask is not None and mask.shape != idx.shape:
             raise ValueError(f"token mask of shape {tuple(mask.shape)} for ids {tuple(idx.shape)}")
         h = self.embed(idx)
-        if self.readout is not None:
-            h = widen(self.config.altup, h, self.config.d_model)
+        if self.widen is not None:
+            h = self.widen(self.config.altup, h, self.config.d_model)
         self.set_token_mask(mask)
         try:
             h = self.run_blocks(h)
@@ -268,7 +207,7 @@ class TransformerLM(nn.Module):
             mask = mask.to(device=self.embed.weight.device, dtype=torch.bool)
         for layer in self.blocks:
             block = next(m for m in layer.modules() if isinstance(m, Block))
-            block.token_mask = None if mask is None else mask[:, _positions_run(layer)]
+            block.token_mask = None if mask is None else mask[:, positions_run(layer)]
 
     def forward(self, idx: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         h = self.features(idx, mask)
@@ -305,15 +244,3 @@ class TransformerLM(nn.Module):
     def num_parameters(self) -> int:
         """Unique trainable parameters (a tied embedding counts once)."""
         return sum(p.numel() for p in self.parameters())
-
-
-def _positions_run(layer: nn.Module) -> slice:
-    """The positions at which a (wrapped) layer runs its Block: Sequence-AltUp and
-    stride-and-skip run it on the anchors o, o+k, o+2k, … (o: the layer's anchor offset)."""
-    if isinstance(layer, SequenceAltUpLayer):
-        return slice(getattr(layer, "_offset", 0), None, layer.stride)
-    return slice(None)
-
-
-def _is_output_proj(name: str) -> bool:
-    return name.endswith("attn.wo") or name.endswith("ffn.w2")

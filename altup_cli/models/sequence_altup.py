@@ -1,0 +1,159 @@
+"""Sequence-AltUp (Baykal et al. 2023, §4) and its stride-and-skip baseline:
+`altup.mode=sequence` and `stride_skip`.
+
+AltUp's trick along the sequence: a layer runs on every k-th token (anchors) and the
+other tokens are predicted and corrected from their anchor; stride-and-skip is the
+baseline where skipped tokens pass through. In a causal LM fixed anchors (t ≡ 0 mod k in
+every layer) leave a non-anchor token unseen by every later position; rotating anchors
+(layer ℓ's at t ≡ ℓ mod k, stored per layer) make every token an anchor in some layer.
+`altup.sequence_layers` picks the layers that do this (all, middle, or indices); the
+others run as plain layers on every token. The scalars and the mixing stay fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from altup_cli.models.config import (
+    AltUpConfig,
+    ModelConfig,
+    StreamVariant,
+    register_stream_variant,
+    select_layers,
+)
+from altup_cli.models.stream import StreamLayer, fp32, scalar
+
+
+class SequenceAltUpLayer(StreamLayer):
+    """The layer runs on anchors (tokens o, o+k, o+2k, …) at their original rotary positions.
+
+    `sequence`: every token t with anchor a = o + ⌊(t−o)/k⌋·k ≤ t (causal) is predicted as
+    x̂_t = α·x_t + β·x_a and corrected with the anchor's innovation: y_t = x̂_t + γ·(ỹ_a − x̂_a).
+    `stride_skip`: anchors take ỹ_a, the other tokens pass through unchanged. Tokens before
+    the first anchor (t < o) have no anchor at or before them: they pass through.
+    The offset o is 0 (`fixed`: no buffer, the state dict of before `anchors`) or stored per
+    layer (`rotating`, so growth can insert layers), mirrored as `_offset` like the AltUp
+    active block.
+    """
+
+    def __init__(
+        self, layer: nn.Module, stride: int, skip_only: bool, offset: int | None = None
+    ) -> None:
+        super().__init__()
+        self.layer, self.stride, self.skip_only = layer, stride, skip_only
+        if not skip_only:
+            self.predictor = scalar(torch.tensor([1.0, 0.0]))  # (α, β): x̂_t = x_t
+            self.corrector = scalar(torch.tensor(1.0))  # γ
+        self._offset = 0
+        if offset is not None:
+            self.register_buffer("anchor_offset", torch.tensor([offset]), persistent=True)
+            self._offset = offset
+            self.register_load_state_dict_post_hook(lambda module, _: module.sync_schedule())
+
+    def positions(self) -> slice:
+        return slice(self._offset, None, self.stride)
+
+    def sync_schedule(self) -> None:
+        if hasattr(self, "anchor_offset"):
+            self._offset = int(self.anchor_offset)
+
+    def set_anchor_offset(self, offset: int) -> None:
+        with torch.no_grad():
+            self.anchor_offset.fill_(offset)
+        self._offset = offset
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        o = self._offset
+        if o == 0:
+            return self._from_first_token(x, cos, sin)
+        if o >= x.shape[1]:
+            return x  # no anchor in a sequence this short: every token passes through
+        tail = self._from_first_token(x[:, o:], cos[o:], sin[o:])
+        return torch.cat([x[:, :o], tail], dim=1)
+
+    def _from_first_token(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        """Anchors at tokens 0, k, 2k, … of `x`."""
+        k, T = self.stride, x.shape[1]
+        anchors = x[:, ::k]
+        anchor_out = self.layer(anchors, cos[::k], sin[::k])
+        if self.skip_only:
+            out = x.clone()
+            out[:, ::k] = anchor_out
+            return out
+        with torch.autocast(x.device.type, enabled=False):
+            alpha, beta = self.predictor[0], self.predictor[1]
+            of_anchor = torch.arange(T, device=x.device) // k  # anchor index of each token
+            x32, a32 = fp32(x), fp32(anchors)
+            predicted = alpha * x32 + beta * a32.index_select(1, of_anchor)
+            pred_anchor = (alpha + beta) * a32
+            innovation = (a32 - pred_anchor) + (fp32(anchor_out) - a32)
+            out = predicted + self.corrector * innovation.index_select(1, of_anchor)
+        return out.type_as(x)
+
+
+def anchor_offset(cfg: AltUpConfig, layer_index: int) -> int | None:
+    """Layer ℓ's first anchor: ℓ mod k when rotating, so every token is an anchor in some
+    layer once there are ≥ k layers; None (always 0, not stored) when fixed."""
+    return layer_index % cfg.stride if cfg.anchors == "rotating" else None
+
+
+def anchor_count(seq_len: int, stride: int, offset: int) -> int:
+    """Anchors o, o+k, … below T: ⌈(T − o)/k⌉ (0 when o ≥ T). With rotating offsets a partial
+    last stride gives some layers one anchor fewer than ⌈T/k⌉."""
+    return max(0, -(-(seq_len - offset) // stride))
+
+
+def sequence_layers(cfg: ModelConfig) -> list[int]:
+    """The layers that run on anchors (`altup.sequence_layers`); the others see every token."""
+    return select_layers(cfg.altup.sequence_layers, cfg.n_layers, "altup.sequence_layers")
+
+
+def _check(cfg: ModelConfig) -> None:
+    sequence_layers(cfg)  # indices in range
+
+
+def _tokens(cfg: ModelConfig, seq_len: int) -> list[int]:
+    """Layer ℓ runs on its n_ℓ anchors, ⌈T/k⌉ (rotating: ⌈(T − ℓ mod k)/k⌉), if it is a
+    sequence layer, else on all T tokens."""
+    a, chosen = cfg.altup, set(sequence_layers(cfg))
+    return [
+        anchor_count(seq_len, a.stride, anchor_offset(a, i) or 0) if i in chosen else seq_len
+        for i in range(cfg.n_layers)
+    ]
+
+
+def _grow_layers(cfg: ModelConfig, at: int, added: int) -> AltUpConfig:
+    """Inserting `added` layers before layer `at` keeps the same layers sequence layers
+    (new layers are plain unless every layer is one)."""
+    a = cfg.altup
+    if a.sequence_layers == "all":
+        return a
+    kept = [i if i < at else i + added for i in sequence_layers(cfg)]
+    return replace(a, sequence_layers=kept)
+
+
+def _variant(name: str, skip_only: bool) -> StreamVariant:
+    def wrap(cfg: ModelConfig, layer: nn.Module, layer_index: int) -> nn.Module:
+        if layer_index not in sequence_layers(cfg):
+            return layer
+        offset = anchor_offset(cfg.altup, layer_index)
+        return SequenceAltUpLayer(layer, cfg.altup.stride, skip_only, offset)
+
+    def parameters(cfg: ModelConfig) -> int:
+        return 0 if skip_only else 3 * len(sequence_layers(cfg))  # (α, β) and γ
+
+    return StreamVariant(
+        name=name, wrap=wrap, check=_check, parameters=parameters, tokens=_tokens,
+        grow_layers=_grow_layers,
+        examples={"sequence s=2": {"altup": {"mode": "sequence", "stride": 2}}}
+        if not skip_only else {},
+    )  # fmt: skip
+
+
+register_stream_variant(_variant("sequence", skip_only=False))
+register_stream_variant(_variant("stride_skip", skip_only=True))
