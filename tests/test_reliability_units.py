@@ -233,7 +233,7 @@ def test_wandb_mode_names_the_reason_for_going_offline(
     """The CLI test's reason check is vacuous: the fixed warning text always contains both
     "key" and "network", so a wrong reason (e.g. "no W&B API key" with a key set) passed."""
     from altup_cli.console import console
-    from altup_cli.training.run import wandb_mode
+    from altup_cli.training.loggers import wandb_mode
 
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
