@@ -15,7 +15,8 @@ from torch import nn
 
 from altup_cli.bench.growth import randomize_
 from altup_cli.growth import grow, parse_op
-from altup_cli.growth.transforms import EXACT, SPANS
+from altup_cli.growth.layouts import SPANS
+from altup_cli.growth.transforms import EXACT
 from altup_cli.models import (
     FFN_KINDS,
     STREAM_VARIANTS,

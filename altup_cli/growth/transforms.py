@@ -14,10 +14,9 @@ rescale rule of every tensor follows the paper's proofs (spec table):
 | residual_width | new embedding, W_O, W2 outputs     | new input-side weights    | gains, eps     |
 | layers         | the new layer's W_O and W2         | the rest of the new layer | —              |
 
-The feed-forward kinds and stream variants describe their own tensors (`layout`: the
-`Span` each axis runs along, `models.config`); `SPANS` here says where the old entries
-of a span sit once its config field has grown, so mlp_width, residual_width and the
-kinds' own `ffn.<field>` ops place every registered kind's tensors the same way. PEER/PKM:
+The feed-forward kinds and stream variants describe their own tensors (the `layout` of
+their registry entry); `layouts.py` places them, so mlp_width, residual_width and the
+kinds' own `ffn.<field>` ops grow every registered kind's tensors the same way. PEER/PKM:
 `ffn.d_key` (new sub-key columns zero) is exact; `ffn.num_experts` is not (new experts can
 take top-k slots) and is only applied when the caller allows it.
 """
@@ -25,21 +24,19 @@ take top-k slots) and is only applied when the caller allows it.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
 
+from altup_cli.growth.layouts import blocks_of, output_side, span_placements
 from altup_cli.growth.remap import Axis, NamedState, Placement, blocked, prefix, rebuild
 from altup_cli.models.config import (
     FALLBACK_KIND,
     FFN_KINDS,
     ModelConfig,
-    Span,
     ffn_kind,
-    module_layouts,
     stream_variant,
-    writes_stream,
 )
 from altup_cli.models.stream import StreamLayer
 from altup_cli.models.transformer import Attention, Block, RMSNorm, TransformerLM
@@ -61,43 +58,6 @@ CORE_FIELDS = {  # transform → the ModelConfig field it grows
 # The feed-forward fields some kind can grow: `ffn.d_key`, `ffn.num_experts`.
 FFN_FIELDS = list(dict.fromkeys(f"ffn.{f}" for k in FFN_KINDS.values() for f in k.growable))
 FIELDS = {**CORE_FIELDS, **{name: name for name in FFN_FIELDS}}
-def _blocks_of(old: ModelConfig, new: ModelConfig, n: int) -> torch.Tensor:
-    return blocked(n // old.d_model, old.d_model, new.d_model)
-
-
-def _key_features(old: ModelConfig, new: ModelConfig, n: int) -> torch.Tensor:
-    half, new_half = old.ffn.d_key // 2, new.ffn.d_key // 2
-    return blocked(n // half, half, new_half)
-
-
-def _expert_rows(old: ModelConfig, new: ModelConfig, n: int) -> torch.Tensor:
-    """Flat expert index i·r + j moves to i·r̂ + j."""
-    r, new_r = math.isqrt(old.ffn.num_experts), math.isqrt(new.ffn.num_experts)
-    return blocked(r, r, new_r)
-
-
-def _appended(old: ModelConfig, new: ModelConfig, n: int) -> torch.Tensor:
-    return prefix(n)
-
-
-# span → (the field whose growth moves it, where an axis of old length n keeps its entries)
-SPANS: dict[str, tuple[str, Callable[[ModelConfig, ModelConfig, int], torch.Tensor]]] = {
-    "d_model": ("d_model", _appended),
-    "d_model_blocks": ("d_model", _blocks_of),
-    "d_ff": ("d_ff", _appended),
-    "key_features": ("ffn.d_key", _key_features),
-    "key_half": ("ffn.d_key", _appended),
-    "sub_keys": ("ffn.num_experts", _appended),
-    "experts": ("ffn.num_experts", _expert_rows),
-}
-
-
-def output_side() -> tuple[str, ...]:
-    """Block tensors an inserted layer must zero to be the identity: W_O and every kind's
-    tensors that write the stream (W2, MoE's w2, PEER's down, PKM's values)."""
-    kinds = FFN_KINDS.values()
-    writers = (f"ffn.{n}" for k in kinds for n, s in k.layout.items() if writes_stream(s))
-    return ("attn.wo.weight", *dict.fromkeys(writers))
 
 
 def current_size(cfg: ModelConfig, kind: str) -> int:
@@ -181,32 +141,6 @@ def _modules(model: TransformerLM, kind: type) -> list[tuple[str, torch.nn.Modul
     return [(f"{n}." if n else "", m) for n, m in model.named_modules() if isinstance(m, kind)]
 
 
-def _laid_out(model: TransformerLM) -> Iterator[tuple[str, torch.Tensor, Mapping[int, Span]]]:
-    """(name, tensor, spans) of every tensor a registered kind or variant lays out."""
-    layouts = module_layouts()
-    for p, module in model.named_modules():
-        layout = layouts.get(type(module), {})
-        tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
-        for name, spans in layout.items():
-            if name in tensors:
-                yield (f"{p}.{name}" if p else name), tensors[name], spans
-
-
-def span_placements(model: TransformerLM, field: str, new_cfg: ModelConfig) -> Placements:
-    """Where the old entries of every laid-out tensor go when `field` grows."""
-    placements: Placements = {}
-    for name, tensor, spans in _laid_out(model):
-        moved = {a: s for a, s in spans.items() if SPANS[s.dim][0] == field}
-        if moved:
-            axes = {
-                a: Axis(SPANS[s.dim][1](model.config, new_cfg, tensor.shape[a]), zero=s.zero)
-                for a, s in moved.items()
-            }
-            fill = "built" if any(s.built for s in moved.values()) else "random"
-            placements[name] = Placement(name, axes, fill=fill)
-    return placements
-
-
 def mlp_width(model: TransformerLM, d_ff: int) -> Plan:
     """MLP hidden width p → p̂: new W1 rows free, new W2 columns zero (MoE experts too)."""
     new_cfg = grown_config(model.config, "mlp_width", d_ff)
@@ -222,6 +156,8 @@ def _attention(
             name = f"{p}{w}.weight"
             placements[name] = Placement(name, ax, scale=(scale or {}).get(w, 1.0))
     return placements
+
+
 def heads(model: TransformerLM, n_heads: int) -> Plan:
     """Heads E → Ê: new heads' W_Q, W_K, W_V free, their slice of W_O zero."""
     c = model.config
@@ -276,7 +212,7 @@ def residual_width(model: TransformerLM, d_model: int) -> Plan:
     d = c.d_model
     new_cfg = grown_config(c, "residual_width", d_model)
     grow, zero = Axis(prefix(d)), Axis(prefix(d), zero=True)
-    embed_blocks = _blocks_of(c, new_cfg, model.embed.weight.shape[1])
+    embed_blocks = blocks_of(c, new_cfg, model.embed.weight.shape[1])
     placements: Placements = {
         "embed.weight": Placement("embed.weight", {1: Axis(embed_blocks, zero=True)}),
         "lm_head.weight": Placement("lm_head.weight", {1: grow}),  # untied heads only

@@ -1,23 +1,18 @@
 """A model's configuration, and the two registries its kinds are looked up in.
 
 `ModelConfig` is the single source of a model's shape; `FFNConfig.kind` names its
-feed-forward kind and `AltUpConfig.mode` its residual-stream variant. Each is one entry of
-a registry, `FFN_KINDS` (`FFNKind`) or `STREAM_VARIANTS` (`StreamVariant`), filled by the
-kind's own module when `altup_cli.models` is imported: the entry carries everything the
-rest of the code asks about the kind (checks, builder, counts, growth rules, training
-facts), so nothing outside it compares kind names. An unregistered name is a one-line
-ValueError from the config check. The schema checks each field's values; an entry checks
-what depends on its kind and the whole model.
+feed-forward kind and `AltUpConfig.mode` its residual-stream variant, each an entry of a
+registry (`FFN_KINDS`: `FFNKind`, `STREAM_VARIANTS`: `StreamVariant`) that the kind's own
+module fills when `altup_cli.models` is imported. An entry carries everything the rest of
+the code asks about its kind (checks, builder, counts, growth rules, training facts), so
+nothing outside it compares kind names; an unregistered name is a one-line ValueError.
+The schema checks each field's values; an entry checks what depends on its kind.
 
-Growth reads an entry's `layout`: per tensor (named relative to the kind's module) and
-axis, the `Span` of the config it runs along; `altup_cli.growth.transforms` knows where
-the old entries of each span sit once it has grown:
-  d_model         the residual width             d_model_blocks  blocks of d_model side by side
-  d_ff            the MLP hidden width           experts         N = r² flat expert rows
-  key_features    query features: 2·heads halves of d_key/2, side by side
-  key_half        one half of a product key (d_key/2)    sub_keys  √N sub-keys
-`zero`: new entries along it must be zero (an output side); `built`: they keep the values
-the grown model was built with (BatchNorm statistics).
+Growth reads an entry's `layout`: per tensor (named within the kind's module) and axis,
+the `Span` of the config it runs along — d_model (the residual width), d_model_blocks
+(blocks of d_model side by side), d_ff, experts (N = r² flat expert rows), sub_keys (√N),
+key_features (2·heads query halves of d_key/2 side by side), key_half (d_key/2);
+`growth.layouts` knows where each span's old entries sit once it has grown.
 """
 
 from __future__ import annotations
@@ -84,7 +79,7 @@ def writes_stream(spans: Mapping[int, Span]) -> bool:
     return any(s.dim == "d_model" and s.zero for s in spans.values())
 
 
-def _accept(_: Any, *args: Any) -> None:
+def _accept(*_: Any) -> None:
     return None
 
 
@@ -113,22 +108,6 @@ class FFNKind:
     examples: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # growth bench
 
 
-def _one(_: AltUpConfig) -> int:
-    return 1
-
-
-def _no_parameters(_: ModelConfig) -> int:
-    return 0
-
-
-def _no_flops(_: ModelConfig, seq_len: int) -> float:
-    return 0.0
-
-
-def _every_token(cfg: ModelConfig, seq_len: int) -> list[int]:
-    return [seq_len] * cfg.n_layers
-
-
 @dataclass(frozen=True)
 class StreamVariant:
     """One residual-stream variant (`altup.mode`). A widening variant carries the stream as
@@ -137,12 +116,12 @@ class StreamVariant:
     name: str
     wrap: Callable[[ModelConfig, nn.Module, int], nn.Module]  # layer i as the variant runs it
     check: Callable[[ModelConfig], None] = _accept
-    embed_width: Callable[[AltUpConfig], int] = _one  # the embedding is this many d wide
+    embed_width: Callable[[AltUpConfig], int] = lambda a: 1  # the embedding is this many d wide
     widen: Callable[[AltUpConfig, torch.Tensor, int], torch.Tensor] | None = None
     readout: Callable[[AltUpConfig, int], nn.Module] | None = None
-    parameters: Callable[[ModelConfig], int] = _no_parameters  # its own ("altup")
-    flops: Callable[[ModelConfig, int], float] = _no_flops  # its own forward, per token at T
-    tokens: Callable[[ModelConfig, int], list[int]] = _every_token  # each layer runs on, at T
+    parameters: Callable[[ModelConfig], int] = lambda cfg: 0  # its own ("altup")
+    flops: Callable[[ModelConfig, int], float] = lambda cfg, T: 0.0  # its own forward, per token
+    tokens: Callable[[ModelConfig, int], list[int]] = lambda cfg, T: [T] * cfg.n_layers
     layouts: Mapping[type[nn.Module], Layout] = field(default_factory=dict)  # its modules'
     grow_layers: Callable[[ModelConfig, int, int], AltUpConfig] | None = None  # (cfg, at, n)
     growth_refusals: Mapping[str, str] = field(default_factory=dict)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from altup_cli.models import product_keys as pk
+import altup_cli.models.product_keys as pk
 from altup_cli.models.config import FFNConfig, FFNKind, ModelConfig, Span, register_ffn_kind
 from altup_cli.models.product_keys import RetrievalLayer
 from altup_cli.models.row_gradients import expert_dots, expert_table, weighted_rows
@@ -105,18 +105,12 @@ register_ffn_kind(
             pk.router_parameters(cfg) + cfg.ffn.heads * cfg.ffn.topk * 2 * cfg.d_model
         ),
         flops=_flops,
-        init=pk.reset_retrieval,
         layout={
             **pk.RETRIEVAL_LAYOUT,
             "up": {0: Span("experts"), 1: Span("d_model")},
             "down": {0: Span("experts", zero=True), 1: Span("d_model", zero=True)},
         },
-        growable=pk.GROWABLE,
-        inexact_growth=pk.INEXACT,
-        growth_refusals=pk.REFUSALS,
-        check_growth=pk.check_growth,
-        logs_expert_usage=True,
-        supports_fsdp=False,  # its tables keep factored gradients FSDP cannot shard
+        **pk.RETRIEVAL_FACTS,
         sweep={"peer": ("ffn=peer", "altup=off")},
         examples={"peer 64²": {"ffn": {"kind": "peer", **pk.GROWTH_EXAMPLE}}},
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from altup_cli.models import product_keys as pk
+import altup_cli.models.product_keys as pk
 from altup_cli.models.config import FFNKind, ModelConfig, Span, register_ffn_kind
 from altup_cli.models.peer import check_peer
 from altup_cli.models.product_keys import RetrievalLayer
@@ -69,17 +69,11 @@ register_ffn_kind(
             pk.router_parameters(cfg) + cfg.ffn.heads * cfg.ffn.topk * cfg.d_model
         ),
         flops=_flops,
-        init=pk.reset_retrieval,
         layout={
             **pk.RETRIEVAL_LAYOUT,
             "values": {0: Span("experts", zero=True), 1: Span("d_model", zero=True)},
         },
-        growable=pk.GROWABLE,
-        inexact_growth=pk.INEXACT,
-        growth_refusals=pk.REFUSALS,
-        check_growth=pk.check_growth,
-        logs_expert_usage=True,
-        supports_fsdp=False,  # its value table keeps factored gradients FSDP cannot shard
+        **pk.RETRIEVAL_FACTS,
         sweep={"pkm": ("ffn=pkm", "altup=off")},
         examples={"pkm 64²": {"ffn": {"kind": "pkm", **pk.GROWTH_EXAMPLE}}},
     )

@@ -13,6 +13,7 @@ growth rules (`ffn.d_key` exact, `ffn.num_experts` not), which their registry en
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -86,15 +87,23 @@ RETRIEVAL_LAYOUT = {
     **{f"retrieval.query_bn.{b}": {0: _FEATURES} for b in BATCHNORM},
     "retrieval.sub_keys": {2: Span("sub_keys"), 3: Span("key_half", zero=True)},
 }
-GROWABLE = ("num_experts", "d_key")
+# What the PEER and PKM registry entries share: retrieval's init and growth rules, expert
+# usage, and tables whose factored gradients DDP averages and FSDP cannot shard.
+RETRIEVAL_FACTS: dict[str, Any] = {
+    "init": reset_retrieval,
+    "growable": ("num_experts", "d_key"),
+    "inexact_growth": {"num_experts": "new experts can enter the top-k"},
+    "growth_refusals": {
+        "heads": "a new PEER/PKM head adds its experts' output at once (exact only with a "
+        "zero-initialised per-head output gate, which these layers do not have)",
+        "topk": "more retrieved experts change every token's output and softmax weights",
+    },
+    "check_growth": check_growth,
+    "logs_expert_usage": True,
+    "supports_fsdp": False,
+}
 # The growth benchmark's PEER and PKM layer: 64² experts in the middle layer.
 GROWTH_EXAMPLE = {"layers": "middle", "num_experts": 4096, "heads": 4, "topk": 8, "d_key": 64}
-INEXACT = {"num_experts": "new experts can enter the top-k"}
-REFUSALS = {
-    "heads": "a new PEER/PKM head adds its experts' output at once (exact only with a "
-    "zero-initialised per-head output gate, which these layers do not have)",
-    "topk": "more retrieved experts change every token's output and softmax weights",
-}
 
 
 class ProductKeyRetrieval(nn.Module):
