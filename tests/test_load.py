@@ -86,3 +86,22 @@ def test_an_intact_export_loads_back(export: Path) -> None:
     model, config = load(export)
     assert config == TINY and not model.training
     assert load_tokenizer(export).get_vocab_size() == TINY.vocab_size
+
+
+def test_loading_a_model_needs_no_lightning_hydra_or_wandb(export: Path) -> None:
+    """The package API is plain PyTorch: importing it and loading an export or a checkpoint
+    (run directories and the checkpoint format live in altup_cli.runs) imports none of the
+    training stack."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, altup_cli; altup_cli.load(sys.argv[1]); altup_cli.load_tokenizer(sys.argv[1]);"
+        "import altup_cli.runs.checkpoint, altup_cli.runs.rundir;"
+        "print(sorted({m.split('.')[0] for m in sys.modules}"
+        " & {'lightning', 'hydra', 'omegaconf', 'wandb', 'typer'}))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(export)], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "[]"

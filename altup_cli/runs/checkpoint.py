@@ -12,15 +12,17 @@ from __future__ import annotations
 import copy
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from altup_cli.config import Settings
 from altup_cli.errors import UserError, first_line
 from altup_cli.files import atomic_path
 from altup_cli.models.transformer import ModelConfig, TransformerLM
 from altup_cli.runs.rundir import read_meta
+
+if TYPE_CHECKING:
+    from altup_cli.config import Settings
 
 FORMAT = 1
 LAST = Path("checkpoints") / "last.ckpt"  # a run directory's checkpoint to resume or grow

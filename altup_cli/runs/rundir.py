@@ -20,14 +20,17 @@ from collections.abc import Mapping
 from datetime import datetime
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
-from altup_cli.config import Settings
 from altup_cli.errors import UserError, first_line
 from altup_cli.files import write_json, write_text
+
+if TYPE_CHECKING:  # not imported at run time: loading a model (the package API) stays light
+    from omegaconf import DictConfig
+
+    from altup_cli.config import Settings
 
 RUN_DIR_ENV = "ALTUP_RUN_DIR"  # set by rank 0 so DDP workers it launches share its run dir
 
@@ -122,6 +125,8 @@ def set_status(run_dir: Path, status: str, **extra: Any) -> None:
 
 def write_yaml(path: Path, config: Mapping[str, Any] | DictConfig) -> None:
     """A config (a DictConfig or a plain mapping) as YAML."""
+    from omegaconf import DictConfig, OmegaConf
+
     node = config if isinstance(config, DictConfig) else OmegaConf.create(dict(config))
     write_text(path, OmegaConf.to_yaml(node))
 
@@ -154,6 +159,8 @@ def write_run_files(
     run_dir: Path, cfg: DictConfig, overrides: list[str], s: Settings, argv: list[str]
 ) -> None:
     """The resolved config, the overrides and run.json (one more entry in `starts`)."""
+    from omegaconf import OmegaConf
+
     write_config(run_dir, cfg)
     write_text(
         run_dir / ".hydra" / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides)))
