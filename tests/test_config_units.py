@@ -213,3 +213,26 @@ def test_the_config_package_imports_nothing_above_it() -> None:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module:
                 assert not node.module.startswith(above), f"{path.name} imports {node.module}"
+
+
+def test_the_settings_types_import_without_hydra() -> None:
+    """runs/ and training/ import Settings; the benchmark's measuring processes import
+    runs/ and must not carry Hydra in their peak memory."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from altup_cli.config import Settings, require_fits, check_type;"
+        "assert 'hydra' not in sys.modules, 'hydra imported';"
+        "from altup_cli.config import validate, compose_config, growth_events, _one_line;"
+        "import altup_cli.config as c, altup_cli.config.validation as v;"
+        "assert callable(validate) and c.validate is v.validate is validate;"
+        "assert c._one_line is c.hydra_error_line and 'hydra' in sys.modules;"
+        "print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        import altup_cli.config as config
+
+        _ = config.nope

@@ -2,30 +2,21 @@
 
 `compose` finds conf/ and recipes/, composes them with Hydra, turns Hydra's errors into one
 line and reads model presets; `schema` holds the typed Settings and the type checks;
-`validate` checks every value and path before anything is created on disk; `growth` parses
-and plans the growth schedule; `resources` checks a model against this machine's memory and
-devices. Training, runs, commands and the CLI may import this package; models, growth, data
-and glue never do (they sit below it and raise their own errors through altup_cli.errors).
+`validation` checks every value and path before anything is created on disk; `growth`
+parses and plans the growth schedule; `resources` checks a model against this machine's
+memory and devices. Training, runs, commands and the CLI may import this package; models,
+growth, data and glue never do (they sit below it and raise through altup_cli.errors).
+Importing the settings types does not import Hydra: the names that need it load on first use.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 import types
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from altup_cli.config import resources
-from altup_cli.config.compose import _one_line as _one_line  # transitional, see compose.py
-from altup_cli.config.compose import (
-    compose_config,
-    compose_named,
-    conf_dir,
-    hydra_error_line,
-    list_recipes,
-    model_preset,
-    recipes_dir,
-)
-from altup_cli.config.growth import LR_POLICIES, event_ops, growth_events
 from altup_cli.config.resources import (
     BYTES_PER_TRAINED_PARAMETER,
     memory_bytes,
@@ -44,7 +35,29 @@ from altup_cli.config.schema import (
     TrainerSettings,
     check_type,
 )
-from altup_cli.config.validate import validate
+
+if TYPE_CHECKING:
+    from altup_cli.config.compose import _one_line as _one_line
+    from altup_cli.config.compose import (
+        compose_config,
+        compose_named,
+        conf_dir,
+        hydra_error_line,
+        list_recipes,
+        model_preset,
+        recipes_dir,
+    )
+    from altup_cli.config.growth import LR_POLICIES, event_ops, growth_events
+    from altup_cli.config.validation import validate
+
+_NEED_HYDRA = {
+    "compose": ("compose_config", "compose_named", "conf_dir", "hydra_error_line",
+                "list_recipes", "model_preset", "recipes_dir",
+                "_one_line"),  # transitional alias, see compose.py
+    "growth": ("LR_POLICIES", "event_ops", "growth_events"),
+    "validation": ("validate",),
+}  # fmt: skip
+_LAZY = {name: module for module, names in _NEED_HYDRA.items() for name in names}
 
 __all__ = [
     "BYTES_PER_TRAINED_PARAMETER",
@@ -73,6 +86,14 @@ __all__ = [
     "require_fits",
     "validate",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
 
 
 class _Package(types.ModuleType):
