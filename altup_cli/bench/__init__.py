@@ -5,7 +5,7 @@ device resolution, timing, peak memory and the interleaving of the variants comp
 Here: the suite registry, the option checks and `run_suite`, the one entry point. The
 suites may import models, growth, training and config; this package is imported only by
 the commands and the CLI (and the peer suite's fresh measuring processes, so importing it
-and `measure` costs torch alone).
+and `measure` adds torch alone: no Lightning, Hydra or W&B).
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """`altup bench --suite growth`: max |Δlogits| of every growth transform, and of all six
 composed, on nano-sized models of every kind in fp32 and fp64.
 
-The models are randomised away from their initial values (norm gains, AltUp scalars and
-BatchNorm statistics included) so that every rescaling rule is exercised; Δlogits is
-measured on random tokens in eval mode.
+The models are the registered growth examples (one per FFN kind and residual-stream
+variant: `models.config.growth_examples`), each kind's own ops (`ffn.d_key`) run where the
+kind grows that field. They are randomised away from their initial values (norm gains,
+AltUp scalars and BatchNorm statistics included) so that every rescaling rule is
+exercised; Δlogits is measured on random tokens in eval mode.
 """
 
 from __future__ import annotations
@@ -15,28 +17,15 @@ import torch
 from altup_cli.console import print_table, say
 from altup_cli.growth import grow, parse_op
 from altup_cli.models import ModelConfig, TransformerLM
-from altup_cli.models.altup import AltUpConfig
-from altup_cli.models.feedforward import FFNConfig
+from altup_cli.models.config import ffn_kind, growth_examples
 
 if TYPE_CHECKING:
     from altup_cli.bench import BenchOptions
 
-KINDS = {
-    "dense": {},
-    "altup K=2": {"altup": AltUpConfig(mode="altup", K=2)},
-    "altup K=3": {
-        "altup": AltUpConfig(mode="altup", K=3, readout="concat", layer_input="predicted"),
-        "tie_embeddings": False,
-    },
-    "recycled K=2": {"altup": AltUpConfig(mode="recycled", K=2)},
-    "sequence s=2": {"altup": AltUpConfig(mode="sequence", stride=2)},
-    "peer 64²": {"ffn": FFNConfig("peer", "middle", 4096, heads=4, topk=8, d_key=64)},
-    "pkm 64²": {"ffn": FFNConfig("pkm", "middle", 4096, heads=4, topk=8, d_key=64)},
-    "moe 4×top-2": {"ffn": FFNConfig("moe", num_experts=4, topk=2)},
-}
 SIX = ["mlp_width=+512", "heads=+2", "value_dim=+16", "key_dim=+16", "residual_width=+64"]
 OPS = [*SIX, "layers=+2@1"]
 ALL_SIX = " ".join(OPS)
+OWN = ["ffn.d_key=+32"]  # ops of a kind's own fields, run where the kind grows them
 
 
 def randomize_(model: TransformerLM, generator: torch.Generator) -> TransformerLM:
@@ -54,7 +43,10 @@ def randomize_(model: TransformerLM, generator: torch.Generator) -> TransformerL
 
 
 def nano_model(kind: str, dtype: torch.dtype, seed: int = 0) -> TransformerLM:
-    cfg = ModelConfig(vocab_size=8192, d_model=128, n_layers=4, n_heads=4, d_ff=512, **KINDS[kind])
+    """The registered growth example `kind` (one per FFN kind and stream variant) at nano
+    size, randomised."""
+    overrides = growth_examples()[kind]
+    cfg = ModelConfig(vocab_size=8192, d_model=128, n_layers=4, n_heads=4, d_ff=512, **overrides)
     model = TransformerLM(cfg).to(dtype)
     return randomize_(model, torch.Generator().manual_seed(seed))
 
@@ -66,17 +58,18 @@ def run(options: BenchOptions) -> None:
 
 def run_growth_benchmark(batch: int = 4, seq_len: int = 128) -> list[dict[str, str]]:
     tokens = torch.randint(0, 8192, (batch, seq_len), generator=torch.Generator().manual_seed(1))
-    named = {op.split("=")[0]: op for op in [*OPS, "ffn.d_key=+32"]} | {"all six": ALL_SIX}
+    named = {op.split("=")[0]: op for op in [*OPS, *OWN]} | {"all six": ALL_SIX}
     rows = []
-    for kind in KINDS:
+    for kind in growth_examples():
         for dtype, tag in ((torch.float32, "fp32"), (torch.float64, "fp64")):
             model = nano_model(kind, dtype)
+            grows = {f"ffn.{f}" for f in ffn_kind(model.config.ffn.kind).growable}
             row = {"model": kind, "dtype": tag}
             with torch.no_grad():
                 reference = model(tokens)
                 row["max |logits|"] = f"{float(reference.abs().max()):.2f}"
                 for name, op in named.items():
-                    if name == "ffn.d_key" and not kind.startswith(("peer", "pkm")):
+                    if name.startswith("ffn.") and name not in grows:
                         continue
                     grown, _ = grow(model, [parse_op(o) for o in op.split()], seed=2)
                     row[name] = f"{float((grown(tokens) - reference).abs().max()):.1e}"

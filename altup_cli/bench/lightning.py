@@ -20,8 +20,9 @@ import torch
 from altup_cli.bench.measure import PeakMemory, clock, interleave, resolve_device
 from altup_cli.console import console, print_table
 from altup_cli.models import ModelConfig, TransformerLM, parameter_counts
-from altup_cli.training.lm_module import LanguageModelModule, lm_loss, warmup_cosine
+from altup_cli.training.lm_module import LanguageModelModule, lm_loss
 from altup_cli.training.optim import build_optimizer, dense_parameters
+from altup_cli.training.schedules import warmup_cosine
 
 if TYPE_CHECKING:
     from altup_cli.bench import BenchOptions

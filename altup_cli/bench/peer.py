@@ -9,7 +9,7 @@ optimizer does. Peak RSS is that of a fresh process running the layer alone (the
 process). Full step (`peer_step`): a 4-layer model with the layer in its middle, each
 expert model in its own block interleaved with the two dense models. Every ratio is
 between rows measured in this run; nothing is compared with another machine's figures.
-CPU only; importable with torch alone (no Hydra/W&B).
+CPU only; its modules import torch and the models alone (no Lightning, Hydra or W&B).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The layers the peer suite compares — our PEER, its naive oracle, the public reference
 (PEER-pytorch) holding a copy of our weights, dense FFNs of width 4d and h·k — and one
-timed step of a layer. Importable with torch alone: the suite's fresh measuring processes
-import it.
+timed step of a layer. Imports torch and the models alone (no Lightning, Hydra or W&B):
+the suite's fresh measuring processes import it.
 
 Settings are the reference's, matched by `reference_peer` (and tested equal to it, output
 and gradients, in tests/test_peer_reference.py): h = 8 heads, k = 16 experts per head,

@@ -2,7 +2,8 @@
 4-layer model with the compared layer in its middle — ours with AdamW + lazy Adam on its
 tables, the reference with fused AdamW over its dense table gradients (same groups: tables
 undecayed and unclipped, so both take the same first steps, tested) — each expert model
-timed in its own block interleaved with the two dense models. Importable with torch alone.
+timed in its own block interleaved with the two dense models. Imports torch and the models
+alone, as `peer_layers` does.
 """
 
 from __future__ import annotations
