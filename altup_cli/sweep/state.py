@@ -11,6 +11,7 @@ setting is refused too, naming it: its points ran without that setting.)
 
 `.lock` is held (flock, released by the kernel however the sweep ends) for as long as a
 sweep writes to its directory: a second sweep on the same directory refuses at once.
+`altup compare` keeps its directory the same way (its own list of uncompared keys).
 """
 
 from __future__ import annotations
@@ -42,17 +43,18 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): value}
 
 
-def shared_config(cfg: Any) -> dict[str, Any]:
-    """The settings (dotted key → JSON value) that a re-run of the sweep must keep."""
+def shared_config(cfg: Any, uncompared: tuple[str, ...] = UNCOMPARED) -> dict[str, Any]:
+    """The settings (dotted key → JSON value) that a re-run of the sweep must keep: all
+    but the `uncompared` keys (`x.` is every key under x)."""
     from omegaconf import OmegaConf
 
     plain = json.loads(json.dumps(finite_json(OmegaConf.to_container(cfg, resolve=True))))
     flat = _flatten(plain)
-    return {k: v for k, v in sorted(flat.items()) if not _uncompared(k)}
+    return {k: v for k, v in sorted(flat.items()) if not _uncompared(k, uncompared)}
 
 
-def _uncompared(key: str) -> bool:
-    return any(key.startswith(u) or key == u.rstrip(".") for u in UNCOMPARED)
+def _uncompared(key: str, uncompared: tuple[str, ...]) -> bool:
+    return any(key.startswith(u) or key == u.rstrip(".") for u in uncompared)
 
 
 def check_directory(path: Path) -> None:
@@ -64,7 +66,7 @@ def check_directory(path: Path) -> None:
             return
 
 
-def read_plan(sweep_dir: Path) -> dict[str, Any] | None:
+def read_plan(sweep_dir: Path, what: str = "sweep") -> dict[str, Any] | None:
     path = sweep_dir / "plan.json"
     if not path.exists():
         return None
@@ -73,13 +75,16 @@ def read_plan(sweep_dir: Path) -> dict[str, Any] | None:
     except (OSError, ValueError) as err:
         plan = err
     if not isinstance(plan, dict):
-        raise UserError(f"{path}: not a readable sweep plan; move it aside to start afresh")
+        raise UserError(f"{path}: not a readable {what} plan; move it aside to start afresh")
     return plan
 
 
-def check_same_config(sweep_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
-    """The recorded plan, after refusing a shared config that differs from it."""
-    plan = read_plan(sweep_dir)
+def check_same_config(
+    sweep_dir: Path, config: dict[str, Any], what: str = "sweep"
+) -> dict[str, Any] | None:
+    """The recorded plan, after refusing a shared config that differs from it (`what`
+    names the kind of directory in the message: sweep, comparison)."""
+    plan = read_plan(sweep_dir, what)
     recorded = (plan or {}).get("config")
     if not isinstance(recorded, dict):
         return plan  # a new sweep, or one from an altup that recorded no config
@@ -88,7 +93,7 @@ def check_same_config(sweep_dir: Path, config: dict[str, Any]) -> dict[str, Any]
         shown = "; ".join(f"{k}: {recorded.get(k)!r} → {config.get(k)!r}" for k in changed[:3])
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
         raise UserError(
-            f"{sweep_dir} holds a sweep with other shared settings ({shown}{more}); their "
+            f"{sweep_dir} holds a {what} with other shared settings ({shown}{more}); their "
             "results would mix: use another --dir, or the settings it was run with"
         )
     return plan
@@ -113,8 +118,9 @@ def merged_plan(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, An
 
 
 @contextmanager
-def sweep_lock(sweep_dir: Path) -> Iterator[None]:
-    """Hold the sweep directory's lock, or refuse at once if another sweep holds it."""
+def sweep_lock(sweep_dir: Path, what: str = "sweep") -> Iterator[None]:
+    """Hold the directory's lock, or refuse at once if another sweep (or comparison:
+    `what`) holds it."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
     path = sweep_dir / ".lock"
     with open(path, "a+") as handle:
@@ -124,7 +130,7 @@ def sweep_lock(sweep_dir: Path) -> Iterator[None]:
             handle.seek(0)
             holder = handle.read().strip()
             raise UserError(
-                f"another sweep{f' (pid {holder})' if holder else ''} is running in "
+                f"another {what}{f' (pid {holder})' if holder else ''} is running in "
                 f"{sweep_dir}; wait for it to finish or use another --dir"
             ) from None
         handle.truncate(0)
