@@ -91,17 +91,25 @@ def train(
 
 
 @app.command(
-    help="""Train variants on the same data, tokens and seed; print one table.
+    help="""Train variants × seeds on the same data and tokens; report paired statistics and plots.
 
-Each `--variant` is a space-separated list of overrides added to the shared ones.
+Each `--variant` is a space-separated list of overrides added to the shared ones. Every
+variant × seed is an ordinary run in `<dir>/runs/<variant>/<seed>/`; `--vary` says what a
+seed changes: model init (`run.seed`), data order and held-out split (`run.data_seed`) or
+both. Per variant: mean and sd of the final validation loss, the mean paired difference to
+the first variant with a 95% t-interval over seeds, and the seeds it wins. `results.csv`
+gets a row as each run finishes: re-running the same command trains only what is missing
+and resumes unfinished runs. Plots (loss vs tokens, vs FLOPs, final losses) go beside it.
 
 **Examples**
 
 * `altup compare --recipe altup-vs-dense` — baseline, AltUp K=2, Recycled-AltUp K=2.
 
+* `altup compare --recipe altup-vs-dense --seeds 0,1,2 --executor local --jobs 2`
+
 * `altup compare --recipe altup-vs-dense --variant altup=off --variant "altup=k2 altup.K=4"`
 
-* `altup compare trainer.max_steps=50 --variant altup=off --variant altup=sequence_s2`
+* `altup compare trainer.max_steps=50 --variant altup=off --variant altup=sequence_s2 --vary init`
 """
 )
 def compare(
@@ -114,11 +122,39 @@ def compare(
         help="Overrides of one variant (repeat the option for each); default: the recipe's "
         "`variants:` list, else altup=off, altup=k2, altup=recycled_k2.",
     ),
+    seeds: str | None = typer.Option(
+        None, help="Comma-separated seeds, e.g. 0,1,2 (default: recipe's seeds:, else run.seed)."
+    ),
+    vary: str = typer.Option(
+        "both", help="What a seed changes: init (run.seed), data (run.data_seed) or both."
+    ),
+    executor: str = typer.Option(
+        "inprocess", help="inprocess, subprocess, local (--jobs N), slurm or submitit-local."
+    ),
+    jobs: int = typer.Option(1, help="Parallel local processes (--executor local)."),
+    directory: str | None = typer.Option(
+        None, "--dir", help="Comparison directory (default <output_dir>/compares/<run.name>)."
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show the plan; start nothing."),
+    partition: str | None = typer.Option(None, help="SLURM partition."),
+    gpus_per_node: int = typer.Option(0, help="SLURM GPUs per job."),
+    cpus_per_task: int = typer.Option(0, help="CPUs per job (submitit)."),
+    timeout_min: int = typer.Option(60, help="Job time limit in minutes (submitit)."),
 ) -> None:
-    """Compare variants under equal data and tokens."""
+    """Compare variants under equal data and tokens (exit code 1 if some runs failed)."""
+    from altup_cli.compare import RunsFailed
     from altup_cli.compare import compare as run_compare
 
-    run_compare(list(overrides or []), recipe, list(variant or []) or None)
+    try:
+        run_compare(
+            list(overrides or []), recipe, list(variant or []) or None, seeds, vary, executor,
+            jobs, directory, dry_run,
+            {"partition": partition, "gpus_per_node": gpus_per_node,
+             "cpus_per_task": cpus_per_task, "timeout_min": timeout_min},
+        )  # fmt: skip
+    except RunsFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise typer.Exit(1) from None
 
 
 @app.command(
