@@ -20,6 +20,7 @@ from altup_cli.glue.metrics import METRICS
 from altup_cli.glue.tasks import Split, Task
 from altup_cli.models.transformer import TransformerLM
 from altup_cli.training.optim import build_optimizer, dense_parameters
+from altup_cli.training.schedules import warmup_linear_decay
 
 
 class Diverged(Exception):
@@ -145,13 +146,9 @@ class GlueModule(L.LightningModule):
         optim = {"lr": s["lr"], "weight_decay": s["weight_decay"], "beta1": 0.9,
                  "beta2": 0.999, "eps": 1e-8}  # fmt: skip
         optimizer = build_optimizer(self, optim)
-        warmup = max(1, int(s["warmup_ratio"] * self.steps))
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            return max(0.0, (self.steps - step) / max(1, self.steps - warmup))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        warmup, total = max(1, int(s["warmup_ratio"] * self.steps)), self.steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_linear_decay(step, warmup, total)
+        )
         schedule = {"scheduler": scheduler, "interval": "step"}
         return {"optimizer": optimizer, "lr_scheduler": schedule}

@@ -14,6 +14,7 @@ from lightning.pytorch.core.optimizer import LRSchedulerConfig
 
 from altup_cli.growth import GrowthOp, grow
 from altup_cli.models.transformer import TransformerLM
+from altup_cli.runs.checkpoint import growth_event
 from altup_cli.training.optim import group_names, indexed_state_dict, named_state
 
 log = logging.getLogger("altup")
@@ -52,18 +53,6 @@ def max_logit_change(old: TransformerLM, new: TransformerLM, tokens: torch.Tenso
         old.train(modes[0]), new.train(modes[1])
 
 
-def record_growth(run_config: dict[str, Any], grown: TransformerLM, event: dict[str, Any]) -> None:
-    """Keep the run config describing the grown model (so a resume builds it) and append
-    the event to `growth.history`."""
-    cfg = grown.config.to_dict()
-    for key in list(run_config["model"]):
-        if key in cfg and key not in ("altup", "ffn", "vocab_size"):
-            run_config["model"][key] = cfg[key]
-    run_config["ffn"].update(cfg["ffn"])
-    growth = run_config.setdefault("growth", {})
-    growth.setdefault("history", []).append(event)
-
-
 class GrowthSchedule(L.Callback):
     """Applies each (step, ops) event at the start of that step (before its first
     micro-batch), on one device: swaps in the grown model, rebuilds optimizer and LR
@@ -86,24 +75,21 @@ class GrowthSchedule(L.Callback):
         step = trainer.global_step
         old_model: TransformerLM = module.model
         old_optimizer = trainer.optimizers[0]
-        weight_decay = module.run_config["optim"]["weight_decay"]
+        s = module.settings
         grown, state = grow_with_optimizer(
-            old_model, ops, old_optimizer.state_dict(), weight_decay, self.seed + step
+            old_model, ops, old_optimizer.state_dict(), s.optim.weight_decay, self.seed + step
         )
         change = max_logit_change(old_model, grown, batch[:2, :-1])
-        growth = module.run_config.setdefault("growth", {})
-        event = {
-            "step": step,
-            "ops": [str(op) for op in ops],
-            "source": "schedule",
-            "lr_policy": growth.get("lr_policy", "continue"),
-            "rewarm_steps": growth.get("rewarm_steps")
-            or module.run_config["optim"]["warmup_steps"],
-            "max_abs_dlogits": change,
-            "parameters": grown.num_parameters(),
-        }
-        module.install_model(grown)
-        record_growth(module.run_config, grown, event)
+        event = growth_event(
+            step,
+            ops,
+            "schedule",
+            s.growth.lr_policy,
+            s.growth.rewarm_steps or s.optim.warmup_steps,
+            change,
+            grown.num_parameters(),
+        )
+        module.grow_to(grown, event)
         self._rebuild_optimizer(trainer, module, state)
         log.info(
             f"growth at step {step}: {' '.join(event['ops'])}  |  "
@@ -113,7 +99,7 @@ class GrowthSchedule(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(
                 {
-                    "growth/event": len(growth["history"]),
+                    "growth/event": len(module.growth_history),
                     "growth/parameters": float(grown.num_parameters()),
                     "growth/max_abs_dlogits": change,
                 },

@@ -177,8 +177,8 @@ def _fit(
     resume_ckpt: Path | None,
     rank: int,
 ) -> dict[str, Any]:
-    plain_cfg = OmegaConf.to_container(cfg, resolve=True)
-    module = LanguageModelModule(plain_cfg, model_cfg.to_dict())  # type: ignore[arg-type]
+    composed = OmegaConf.to_container(cfg, resolve=True)
+    module = LanguageModelModule(s, model_cfg, composed)  # type: ignore[arg-type]
     stats = TrainingStats(s.data.seq_len * s.data.batch_size)
     wandb_id = _wandb_id(s, run_dir, resume_ckpt is not None, rank)
     logger = make_logger(s.logger, run_dir, run_dir.name, wandb_id=wandb_id)
@@ -246,7 +246,7 @@ def _metrics(
         "training_flops_per_token": training_flops_per_token(final, s.data.seq_len)["total"],
         "training_flops": module.flops_seen,
         "validation_curve": module.curve,
-        "growth": module.run_config.get("growth", {}).get("history", []),
+        "growth": module.growth_history,
         "wall_seconds": wall,
         "best_checkpoint": trainer.checkpoint_callback.best_model_path or None,  # type: ignore[union-attr]
     }
