@@ -25,7 +25,7 @@ from altup_cli.console import console, say
 from altup_cli.errors import UserError, first_line
 from altup_cli.files import umask
 from altup_cli.growth import GrowthOp, parse_op, plan, preset_ops
-from altup_cli.models.transformer import ModelConfig, TransformerLM
+from altup_cli.models import ModelConfig, TransformerLM, ffn_kind
 from altup_cli.runs.checkpoint import (
     checkpoint_file,
     growth_event,
@@ -209,10 +209,9 @@ def print_growth(
         table.add_column(column, justify="right" if column else "left")
     for name in SHAPE_FIELDS:
         table.add_row(name, str(getattr(old.config, name)), str(getattr(new.config, name)))
-    if old.config.ffn.kind in ("peer", "pkm"):
-        for name in ("num_experts", "d_key"):
-            a, b = getattr(old.config.ffn, name), getattr(new.config.ffn, name)
-            table.add_row(f"ffn.{name}", str(a), str(b))
+    for name in ffn_kind(old.config.ffn.kind).growable:  # PEER/PKM: num_experts, d_key
+        a, b = getattr(old.config.ffn, name), getattr(new.config.ffn, name)
+        table.add_row(f"ffn.{name}", str(a), str(b))
     table.add_row("parameters", f"{old.num_parameters():,}", f"{new.num_parameters():,}")
     console.print(table)
     shape = "×".join(map(str, SAMPLE_SHAPE))

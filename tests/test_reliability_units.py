@@ -210,17 +210,17 @@ def test_require_fits_refuses_what_this_machine_cannot_hold(
 ) -> None:
     """Catches BYTES_PER_TRAINED_PARAMETER = 0 without allocating terabytes (the CLI test
     then fails only because the allocation does, or is OOM-killed on a big machine)."""
-    import altup_cli.config as config
+    import altup_cli.config.resources as resources
     from altup_cli.models.counting import parameter_counts
 
     model = _settings(Path("/nonexistent-out"), "model.d_model=32", "model.n_layers=2",
                       "model.n_heads=2", "model.d_ff=64").model_config(300)  # fmt: skip
     need = parameter_counts(model)["total"] * 16  # fp32 weight, grad, two Adam moments
-    monkeypatch.setattr(config, "memory_bytes", lambda: need - 1)
+    monkeypatch.setattr(resources, "memory_bytes", lambda: need - 1)
     with pytest.raises(UserError, match="GiB for weights, gradients and Adam state"):
-        config.require_fits(model, "model")
-    monkeypatch.setattr(config, "memory_bytes", lambda: need)
-    config.require_fits(model, "model")
+        resources.require_fits(model, "model")
+    monkeypatch.setattr(resources, "memory_bytes", lambda: need)
+    resources.require_fits(model, "model")
 
 
 # --- W&B -------------------------------------------------------------------------------
