@@ -121,7 +121,7 @@ def train(
         s.data.seq_len,
         s.data.batch_size,
         s.data.val_fraction,
-        s.run.seed,
+        s.run.seed if s.run.data_seed is None else s.run.data_seed,  # order and split
         s.trainer.max_steps,
         s.trainer.accumulate_grad_batches,
         s.data.num_workers,
