@@ -1,7 +1,7 @@
 """The one logger factory: W&B (offline unless online can work), CSV or none.
 
-Training, GLUE fine-tuning and the sweep's analysis run all get their logger here, so the
-online → offline fallback and W&B's quiet mode apply to each the same way.
+Training, GLUE fine-tuning, and the summary runs of sweeps and comparisons all get their
+W&B run here, so the online → offline fallback and W&B's quiet mode apply to each alike.
 """
 
 from __future__ import annotations
@@ -34,20 +34,8 @@ def make_logger(
     if settings.kind == "wandb":
         from lightning.pytorch.loggers import WandbLogger
 
-        os.environ.setdefault("WANDB_SILENT", "true")
-        extra = {"job_type": job_type} if job_type is not None else {}
-        logger = WandbLogger(
-            project=settings.project,
-            entity=settings.entity,
-            name=name,
-            save_dir=str(save_dir),
-            mode=wandb_mode(settings.mode),
-            tags=list(settings.tags),
-            group=settings.group,
-            id=wandb_id,
-            resume="allow",
-            **extra,
-        )
+        args = _wandb_args(settings, name, job_type)
+        logger = WandbLogger(save_dir=str(save_dir), id=wandb_id, resume="allow", **args)
     elif settings.kind == "csv":
         from lightning.pytorch.loggers import CSVLogger
 
@@ -57,6 +45,30 @@ def make_logger(
     if config is not None:
         logger.log_hyperparams(dict(config))
     return logger
+
+
+def wandb_run(settings: LoggerSettings, save_dir: Path, name: str, job_type: str) -> Any:
+    """A W&B run outside Lightning, for a summary to `.log` tables and plots into (a
+    sweep's analysis, a comparison); `finish()` it when done."""
+    import wandb
+
+    args = _wandb_args(settings, name, job_type)
+    return wandb.init(dir=str(save_dir), reinit="create_new", **args)
+
+
+def _wandb_args(settings: LoggerSettings, name: str, job_type: str | None) -> dict[str, Any]:
+    os.environ.setdefault("WANDB_SILENT", "true")
+    args: dict[str, Any] = {
+        "project": settings.project,
+        "entity": settings.entity,
+        "name": name,
+        "mode": wandb_mode(settings.mode),
+        "tags": list(settings.tags),
+        "group": settings.group,
+    }
+    if job_type is not None:
+        args["job_type"] = job_type
+    return args
 
 
 def wandb_mode(requested: str | None) -> str | None:
