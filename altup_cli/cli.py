@@ -335,7 +335,7 @@ def eval_glue(
     ),
 ) -> None:
     """Fine-tune and score a checkpoint on GLUE."""
-    from altup_cli.eval_glue import eval_glue as run_eval
+    from altup_cli.commands.eval import eval_glue as run_eval
 
     run_eval(checkpoint, tasks, data_dir, list(overrides or []), out)
 

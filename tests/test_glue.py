@@ -15,20 +15,16 @@ import torch
 from scipy import stats
 from sklearn import metrics as skm
 
+from altup_cli.commands.eval import eval_glue
+from altup_cli.config.eval import compose_glue_settings as compose_settings
+from altup_cli.config.eval import task_settings
 from altup_cli.errors import UserError
-from altup_cli.eval_glue import (
-    compose_settings,
-    eval_glue,
-    glue_scores,
-    majority,
-    subsample,
-    task_settings,
-)
-from altup_cli.export import load_tokenizer, save_export
+from altup_cli.evaluation.glue import glue_scores, majority, subsample
 from altup_cli.glue import METRICS, TASKS
 from altup_cli.glue.tasks import Split, load_hf_task, load_tsv_task, read_tsv
 from altup_cli.growth import grow, parse_op
 from altup_cli.models.transformer import ModelConfig, TransformerLM
+from altup_cli.runs.export import load_tokenizer, save_export
 from altup_cli.training.glue import GlueModule, encode, loader
 from tests.conftest import tiny_overrides
 from tests.glue_fixtures import sst2_rows, write_glue
@@ -197,15 +193,15 @@ def test_majority_baseline_and_glue_average_by_hand() -> None:
 
 
 def test_per_task_settings_follow_the_documented_precedence() -> None:
-    default = task_settings(compose_settings([]), TASKS["rte"])
+    default = task_settings(compose_settings([]), "rte")
     assert default.epochs == 5 and default.lr == 3e-4  # the task's entry, the global LR
     everyone = compose_settings(["eval.epochs=2", "eval.lr=1e-3"])
-    assert task_settings(everyone, TASKS["rte"]).epochs == 2  # command line beats YAML task
+    assert task_settings(everyone, "rte").epochs == 2  # command line beats YAML task
     mixed = compose_settings(["eval.epochs=2", "eval.tasks.rte.epochs=7"])
-    assert task_settings(mixed, TASKS["rte"]).epochs == 7
-    assert task_settings(mixed, TASKS["cola"]).epochs == 2
+    assert task_settings(mixed, "rte").epochs == 7
+    assert task_settings(mixed, "cola").epochs == 2
     with pytest.raises(UserError, match="pooling must be last or mean"):
-        task_settings(compose_settings(["eval.pooling=cls"]), TASKS["rte"])
+        task_settings(compose_settings(["eval.pooling=cls"]), "rte")
 
 
 # ── fine-tuning ─────────────────────────────────────────────────────────────────────────

@@ -37,7 +37,6 @@ from altup_cli.config.schema import (
 )
 
 if TYPE_CHECKING:
-    from altup_cli.config.compose import _one_line as _one_line
     from altup_cli.config.compose import (
         compose_config,
         compose_named,
@@ -52,8 +51,7 @@ if TYPE_CHECKING:
 
 _NEED_HYDRA = {
     "compose": ("compose_config", "compose_named", "conf_dir", "hydra_error_line",
-                "list_recipes", "model_preset", "recipes_dir",
-                "_one_line"),  # transitional alias, see compose.py
+                "list_recipes", "model_preset", "recipes_dir"),
     "growth": ("LR_POLICIES", "event_ops", "growth_events"),
     "validation": ("validate",),
 }  # fmt: skip

@@ -56,8 +56,6 @@ def hydra_error_line(err: BaseException) -> str:
     return text
 
 
-_one_line = hydra_error_line  # transitional alias: eval_glue.py still imports the old name
-
 
 def compose_named(name: str, overrides: list[str]) -> DictConfig:
     """conf/<name>.yaml + overrides, resolved, or a one-line UserError (`config: ...`)."""
