@@ -56,7 +56,6 @@ def hydra_error_line(err: BaseException) -> str:
     return text
 
 
-
 def compose_named(name: str, overrides: list[str]) -> DictConfig:
     """conf/<name>.yaml + overrides, resolved, or a one-line UserError (`config: ...`)."""
     try:

@@ -80,4 +80,3 @@ def check_growth(s: Settings) -> None:
         f"devices={t.devices}); on several, grow between runs with `altup grow`",
     )
     growth_events(s, s.model_config())
-
