@@ -26,6 +26,7 @@ from altup_cli.training.schedules import warmup_cosine
 
 if TYPE_CHECKING:
     from altup_cli.bench import BenchOptions
+    from altup_cli.config import Settings
 
 OPTIM = {
     "lr": 1e-3,
@@ -117,13 +118,26 @@ def bare_loop(
     return Measurement(elapsed / (len(batches) - warmup), memory.peak(), losses)
 
 
+def bench_settings(batch_size: int, seq_len: int, steps: int) -> Settings:
+    """The default run's settings with the bare loop's optimizer (`OPTIM`) and this shape:
+    what `LanguageModelModule` reads of a run."""
+    from altup_cli.config import compose_config, validate
+
+    overrides = [f"optim.{k}={'null' if v is None else v}" for k, v in OPTIM.items()]
+    overrides += [f"data.seq_len={seq_len}", f"data.batch_size={batch_size}"]
+    overrides += [f"trainer.max_steps={steps}", "run.compile=false"]
+    return validate(compose_config(overrides))
+
+
 def lightning_loop(
     cfg: ModelConfig, batches: list[torch.Tensor], warmup: int, device: torch.device
 ) -> Measurement:
-    """The same training through `LanguageModelModule` and `lightning.Trainer`."""
+    """The same training through `LanguageModelModule` and `lightning.Trainer` (its
+    settings composed before the memory baseline)."""
     import lightning as L
     from torch.utils.data import DataLoader
 
+    settings = bench_settings(batches[0].shape[0], batches[0].shape[1] - 1, len(batches))
     memory = PeakMemory(device)
     memory.start()
     times: dict[str, float] = {}
@@ -141,14 +155,8 @@ def lightning_loop(
             if trainer.global_step == len(batches):
                 times["end"] = clock(device)
 
-    run_config = {
-        "run": {"compile": False},
-        "data": {"seq_len": batches[0].shape[1] - 1, "batch_size": batches[0].shape[0]},
-        "optim": OPTIM,
-        "trainer": {"max_steps": len(batches)},
-    }
     torch.manual_seed(0)
-    module = LanguageModelModule(run_config, cfg.to_dict())
+    module = LanguageModelModule(settings, cfg)
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=1,
