@@ -297,11 +297,6 @@ def test_the_dry_run_shows_the_plan_and_writes_nothing(altup, tmp_path: Path) ->
     assert not out.exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="training/run.py passes run.seed, not run.data_seed, to the data module (the "
-    "one-line wiring is requested from its owner); remove this mark when it is in",
-)
 def test_vary_data_changes_the_data_and_keeps_the_init(
     altup, corpus_dir: Path, cache_dir: Path, tmp_path: Path
 ) -> None:

@@ -11,9 +11,9 @@ shared settings differ is refused, as for a sweep (`sweep.state`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -422,13 +422,11 @@ def _log_to_wandb(
     """One W&B run in the comparison's group: the results, the table and the plots."""
     import wandb
 
-    os.environ.setdefault("WANDB_SILENT", "true")
+    from altup_cli.training.loggers import wandb_run
+
     name = base.run.name
-    run = wandb.init(
-        project=base.logger.project, entity=base.logger.entity, group=name,
-        job_type="comparison", name=f"{name}-comparison", dir=str(compare_dir),
-        mode=base.logger.mode or "offline", reinit="create_new",
-    )  # fmt: skip
+    settings = dataclasses.replace(base.logger, group=name)
+    run = wandb_run(settings, compare_dir, f"{name}-comparison", "comparison")
     run.log({
         "results": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows]),
         "summary": wandb.Table(columns=list(shown[0]), data=[list(r.values()) for r in shown]),
