@@ -161,7 +161,7 @@ def train_missing(
 def _prepare_data(base: Settings) -> None:
     """Download, tokenize and cache the corpus once here, so parallel runs do not each
     prepare it (a variant with other data prepares its own)."""
-    from altup_cli.training.run import prepare_data
+    from altup_cli.runs.data import prepare_data
 
     prepare_data(base)
 
