@@ -8,6 +8,11 @@ from pathlib import Path
 
 import typer
 
+from altup_cli.commands import bench as bench_cmd
+from altup_cli.commands import eval as eval_cmd
+from altup_cli.commands import grow as grow_cmd
+from altup_cli.commands import recipes as recipes_cmd
+from altup_cli.commands import train as train_cmd
 from altup_cli.errors import UserError
 
 app = typer.Typer(
@@ -19,29 +24,6 @@ app = typer.Typer(
     rich_markup_mode="markdown",
 )
 
-TRAIN_EXAMPLES = """
-Hydra overrides select config groups (`model=tiny`) and set keys (`trainer.max_steps=200`).
-
-**Examples**
-
-* `altup train` — the quickstart: nano model, Shakespeare, 300 steps on CPU.
-
-* `altup train model=tiny trainer.max_steps=200 data=text data.path=my.txt`
-
-* `altup train --recipe mini-bible logger=csv`
-
-* `altup train --dry-run model=base trainer=ddp` — print the config and run dir only.
-
-* `altup train --resume auto` — continue the newest run of the same name.
-
-* `altup train --resume outputs/2026-11-22/10-00-00_quickstart trainer.max_steps=600`
-
-* `altup train model=nano growth=nano_to_tiny` — grow to the tiny shape at step 100.
-
-Groups: model (nano tiny mini small base), data (shakespeare bible wiki text hf),
-tokenizer (bpe gpt2 file), trainer (default ddp ddp_cpu fsdp), logger (wandb csv),
-growth (none nano_to_tiny deepen).
-"""
 
 
 @app.callback()
@@ -49,7 +31,7 @@ def _root() -> None:
     """altup: an experiment runner for efficient-transformer research."""
 
 
-@app.command(help=TRAIN_EXAMPLES, no_args_is_help=False)
+@app.command(help=train_cmd.HELP, no_args_is_help=False)
 def train(
     overrides: list[str] = typer.Argument(
         None, help="Hydra overrides, e.g. model=tiny trainer.max_steps=200"
@@ -65,29 +47,7 @@ def train(
     ),
 ) -> None:
     """Train a language model."""
-    from omegaconf import OmegaConf
-
-    from altup_cli.config import compose_config, validate
-    from altup_cli.console import say
-    from altup_cli.training import run, rundir
-
-    overrides = list(overrides or [])
-    cfg = compose_config(overrides, recipe)
-    ckpt: Path | None = None
-    if resume:
-        s = validate(cfg)
-        ckpt = rundir.find_resume_checkpoint(resume, s)
-        if ckpt is None:
-            say(f"--resume auto: no earlier run named {s.run.name!r}; starting a new one")
-        else:
-            cfg = run.resumed_config(ckpt, overrides, cfg)
-    settings = validate(cfg)
-    if dry_run:
-        print(OmegaConf.to_yaml(cfg), end="")
-        target = ckpt.parent.parent if ckpt is not None else rundir.planned_run_dir(settings)
-        print(f"# run directory: {target}")
-        return
-    run.train(cfg, settings, overrides, ckpt, argv=sys.argv)
+    train_cmd.train(list(overrides or []), recipe, dry_run, resume)
 
 
 @app.command(
@@ -157,25 +117,7 @@ def compare(
         raise typer.Exit(1) from None
 
 
-@app.command(
-    help="""Grow a trained checkpoint without changing its function; write a resumable run.
-
-OPS are KIND=SIZE or KIND=+N with KIND one of mlp_width (d_ff), heads (n_heads),
-value_dim (v_head_dim), key_dim (head_dim), residual_width (d_model), layers (n_layers;
-`layers=+2@0` inserts before layer 0, default at the end), and for PEER/PKM models
-ffn.d_key and ffn.num_experts (not function-preserving: needs --allow-inexact).
-
-**Examples**
-
-* `altup grow outputs/2026-11-22/10-00-00_quickstart mlp_width=1024 layers=+2 -o grown/`
-
-* `altup grow run/checkpoints/last.ckpt --to model=tiny -o grown-tiny/`
-
-* `altup grow run heads=8 key_dim=64 --lr-policy rewarm --rewarm-steps 50 -o g/`
-
-* `altup train --resume grown/ trainer.max_steps=600` — continue training the grown model.
-"""
-)
+@app.command(help=grow_cmd.HELP)
 def grow(
     checkpoint: str = typer.Argument(..., help="A run directory or a .ckpt written by altup."),
     ops: list[str] = typer.Argument(None, help="Growth ops, e.g. mlp_width=2048 layers=+2."),
@@ -193,9 +135,7 @@ def grow(
     seed: int = typer.Option(0, help="Seed of the new (free) weights."),
 ) -> None:
     """Grow a checkpoint function-preservingly."""
-    from altup_cli.grow import grow_checkpoint
-
-    grow_checkpoint(
+    grow_cmd.grow_checkpoint(
         checkpoint, list(ops or []), out, to, allow_inexact, lr_policy, rewarm_steps, seed
     )
 
@@ -291,27 +231,7 @@ app.add_typer(eval_app, name="eval")
 
 @eval_app.command(
     "glue",
-    help="""Fine-tune a checkpoint on GLUE tasks and report the official dev metrics.
-
-Each task starts from the same pretrained weights with a new head (classification, or
-regression for STS-B) on the last token's (or the mean) hidden state; pairs are joined with
-the tokenizer's EOS. Reports CoLA Matthews corr., STS-B Pearson/Spearman, MRPC/QQP F1 and
-accuracy, accuracy elsewhere (MNLI matched and mismatched), the majority-class baseline
-and the GLUE average, as a table, `glue.json` and a W&B run. Settings: conf/eval/glue.yaml,
-overridden with `eval.<key>=…` or per task `eval.tasks.<task>.<key>=…`.
-
-**Examples**
-
-* `altup eval glue outputs/2026-11-22/10-00-00_quickstart --tasks sst2,rte,mrpc,cola`
-
-* `altup eval glue RUN --tasks all --data-dir ~/glue_data eval.epochs=5 eval.pooling=mean`
-
-* `altup eval glue RUN/checkpoints/last.ckpt --tasks rte eval.tasks.rte.lr=1e-4`
-
-* `altup eval glue RUN --tasks mnli eval.source=hf --data-dir nyu-mll/glue` (network)
-
-* `altup eval glue RUN --tasks cola eval.source=hf --data-dir saved/` (`save_to_disk` copy)
-""",
+    help=eval_cmd.HELP_GLUE,
 )
 def eval_glue(
     checkpoint: str = typer.Argument(
@@ -335,51 +255,16 @@ def eval_glue(
     ),
 ) -> None:
     """Fine-tune and score a checkpoint on GLUE."""
-    from altup_cli.commands.eval import eval_glue as run_eval
-
-    run_eval(checkpoint, tasks, data_dir, list(overrides or []), out)
+    eval_cmd.eval_glue(checkpoint, tasks, data_dir, list(overrides or []), out)
 
 
 @app.command()
 def recipes() -> None:
     """List the named experiments in recipes/."""
-    from altup_cli.config import list_recipes, recipes_dir
-
-    for name in list_recipes():
-        lines = (recipes_dir() / f"{name}.yaml").read_text().splitlines()
-        about = next(
-            (ln.lstrip("# ") for ln in lines if ln.startswith("# ") and "@package" not in ln), ""
-        )
-        print(f"{name:24s} {about}")
+    recipes_cmd.recipes()
 
 
-@app.command(
-    help="""Measure training-step time and peak memory side by side in one run.
-
-Prints ratios (Lightning step vs a bare PyTorch loop on the same model and batch).
-
-**Examples**
-
-* `altup bench` — the tiny and mini presets on this machine's device.
-
-* `altup bench --models tiny,mini --steps 30 --repeats 3`
-
-* `altup bench --suite altup --models mini` — baseline, AltUp K=2, Recycled K=2,
-  Sequence-AltUp stride 2 and the dense 2d model, as ratios to the baseline.
-
-* `altup bench --suite peer` — the PEER layer (N = 128² … 1024², CPU) beside the public
-  reference implementation (PEER-pytorch, `pip install 'altup[bench]'`; its rows are
-  skipped without it), its naive oracle and dense FFNs of width 4d and h·k, then a full
-  training step with PEER, the reference and dense; every ratio from this run.
-
-* `altup bench --suite peer --d-models 512 --experts 256 --repeats 5`
-
-* `altup bench --suite growth` — max |Δlogits| of every growth transform (and all six
-  composed) on nano-sized dense, AltUp, PEER, PKM and MoE models, fp32 and fp64.
-
-An option the chosen suite does not use is refused (exit 2).
-"""
-)
+@app.command(help=bench_cmd.HELP)
 def bench(
     ctx: typer.Context,
     models: str = typer.Option("tiny,mini", help="lightning, altup: comma-separated presets."),
@@ -404,48 +289,14 @@ def bench(
     naive_max: int = typer.Option(1024, help="peer suite: largest √N the naive oracle runs at."),
 ) -> None:
     """Benchmark training-step throughput."""
-    from altup_cli.benchmark import (
-        check_options,
-        check_suite_options,
-        given_options,
-        run_altup_benchmark,
-        run_benchmark,
-    )
+    from altup_cli.bench import given_options
 
-    presets = [m.strip() for m in models.split(",") if m.strip()]
-    counts = {"--steps": steps, "--repeats": repeats, "--batch-size": batch_size}
-    counts |= {"--seq-len": seq_len, "--tokens": tokens, "--naive-max": naive_max}
-    check_options(suite, presets, counts, warmup, device)
-    given = given_options(ctx)
-    check_suite_options(suite, given, device)
-    if suite == "lightning":
-        run_benchmark(presets, steps, warmup, repeats, batch_size, seq_len, device)
-    elif suite == "altup":
-        for preset in presets:
-            run_altup_benchmark(preset, steps, warmup, batch_size, seq_len, device, compile)
-    elif suite == "peer":
-        from altup_cli.benchmark_ffn import check_experts, run_peer_benchmark
+    bench_cmd.bench(
+        suite, given_options(ctx), models=models, steps=steps, warmup=warmup, repeats=repeats,
+        batch_size=batch_size, seq_len=seq_len, device=device, compile=compile,
+        d_models=d_models, experts=experts, tokens=tokens, naive_max=naive_max,
+    )  # fmt: skip
 
-        widths, roots = _int_list(d_models, "--d-models"), _int_list(experts, "--experts")
-        check_experts(roots)
-        batch = batch_size if "--batch-size" in given else 4
-        run_peer_benchmark(widths, roots, tokens, repeats, naive_max, batch, seq_len)
-    elif suite == "growth":
-        from altup_cli.benchmark_growth import run_growth_benchmark
-
-        run_growth_benchmark()
-    else:
-        raise UserError(f"--suite must be lightning, altup, peer or growth, got {suite!r}")
-
-
-def _int_list(text: str, option: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{option} must be comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise UserError(f"{option} must list positive integers, got {text!r}")
-    return values
 
 
 def main() -> None:

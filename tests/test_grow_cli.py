@@ -279,7 +279,7 @@ def test_a_failed_write_leaves_nothing_and_a_retry_succeeds(
 ) -> None:
     """A write that fails after the checkpoint is written leaves no output directory (nor
     temporary files) behind, so the same command then succeeds; a disk error is one line."""
-    from altup_cli import grow
+    from altup_cli.commands import grow
 
     def fail(*_: Any, **__: Any) -> None:
         raise error

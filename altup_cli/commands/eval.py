@@ -26,6 +26,28 @@ from altup_cli.evaluation.glue import CONVENTION, GlueTask, glue_scores, print_r
 from altup_cli.evaluation.report import EvalReport, log_summary, new_eval_directory
 from altup_cli.glue.tasks import parse_tasks
 
+HELP_GLUE = """Fine-tune a checkpoint on GLUE tasks and report the official dev metrics.
+
+Each task starts from the same pretrained weights with a new head (classification, or
+regression for STS-B) on the last token's (or the mean) hidden state; pairs are joined with
+the tokenizer's EOS. Reports CoLA Matthews corr., STS-B Pearson/Spearman, MRPC/QQP F1 and
+accuracy, accuracy elsewhere (MNLI matched and mismatched), the majority-class baseline
+and the GLUE average, as a table, `glue.json` and a W&B run. Settings: conf/eval/glue.yaml,
+overridden with `eval.<key>=…` or per task `eval.tasks.<task>.<key>=…`.
+
+**Examples**
+
+* `altup eval glue outputs/2026-11-22/10-00-00_quickstart --tasks sst2,rte,mrpc,cola`
+
+* `altup eval glue RUN --tasks all --data-dir ~/glue_data eval.epochs=5 eval.pooling=mean`
+
+* `altup eval glue RUN/checkpoints/last.ckpt --tasks rte eval.tasks.rte.lr=1e-4`
+
+* `altup eval glue RUN --tasks mnli eval.source=hf --data-dir nyu-mll/glue` (network)
+
+* `altup eval glue RUN --tasks cola eval.source=hf --data-dir saved/` (`save_to_disk` copy)
+"""
+
 
 class TasksDiverged(UserError):
     """Fine-tuning diverged on some task: exit code 3, as a diverged `altup train`."""

@@ -46,25 +46,17 @@ def train_point(
 ) -> dict[str, Any]:
     """Train one run to completion in `run_dir` (continuing its checkpoint if any) in this
     process; returns its metrics.json."""
-    from altup_cli.config import compose_config, validate
-    from altup_cli.training import run
+    from altup_cli.runs.request import plan_run
+    from altup_cli.runs.rundir import read_meta
+    from altup_cli.training.run import train
 
     directory = Path(run_dir)
     metrics = directory / "metrics.json"
-    meta = directory / "run.json"
-    if (
-        metrics.is_file()
-        and meta.is_file()
-        and json.loads(meta.read_text())["status"] == "completed"
-    ):
+    if metrics.is_file() and read_meta(directory).get("status") == "completed":
         return json.loads(metrics.read_text())  # finished before its row was written
-    cfg = compose_config(overrides, recipe)
     ckpt = directory / "checkpoints" / "last.ckpt"
-    resume = ckpt if ckpt.is_file() else None
-    if resume is not None:
-        cfg = run.resumed_config(resume, overrides, cfg)
-    os.environ[run.RUN_DIR_ENV] = str(directory)
-    run.train(cfg, validate(cfg), overrides, resume, argv=[command, *overrides])
+    request = plan_run(overrides, recipe, ckpt if ckpt.is_file() else None)
+    train(request, argv=[command, *overrides], run_dir=directory)
     return json.loads(metrics.read_text())
 
 

@@ -34,6 +34,7 @@ from altup_cli.models.transformer import ModelConfig
 from altup_cli.runs.checkpoint import in_run_dir, run_dir_of, steps_done
 from altup_cli.runs.data import PreparedData, prepare_data
 from altup_cli.runs.export import save_export
+from altup_cli.runs.request import RunRequest
 from altup_cli.runs.resume import resumed_config
 from altup_cli.runs.rundir import (
     RUN_DIR_ENV,
@@ -50,12 +51,9 @@ from altup_cli.training.datamodule import PackedTextDataModule
 from altup_cli.training.lm_module import LanguageModelModule
 from altup_cli.training.loggers import make_logger
 from altup_cli.training.trainer import build_trainer, drop_lightning_tips
-from altup_cli.training.trainer import quiet_expected_warnings as _quiet_expected_warnings
 
 __all__ = [  # with re-exports for callers that do not yet import them from their new homes
     "RUN_DIR_ENV",
-    "_quiet_expected_warnings",
-    "drop_lightning_tips",
     "prepare_data",
     "print_summary",
     "resumed_config",
@@ -91,14 +89,16 @@ def _setup_logging(run_dir: Path | None, rank: int) -> None:
 
 
 def train(
-    cfg: DictConfig,
-    s: Settings,
-    overrides: list[str],
-    resume_ckpt: Path | None = None,
-    argv: list[str] | None = None,
+    request: RunRequest, argv: list[str] | None = None, run_dir: Path | None = None
 ) -> Path:
-    """Prepare data, train, export; returns the run directory. Everything that can be
-    checked is checked before the run directory is created or touched."""
+    """Prepare data, train, export; returns the run directory (`run_dir` when the caller
+    chose it, as a sweep does for its points). Everything that can be checked is checked
+    before the run directory is created or touched."""
+    cfg, s, overrides, resume_ckpt = (
+        request.cfg, request.settings, request.overrides, request.checkpoint,
+    )  # fmt: skip
+    if run_dir is not None:
+        os.environ[RUN_DIR_ENV] = str(run_dir)
     rank = launch_rank()
     require_devices(s)
     if resume_ckpt is not None and (done := steps_done(resume_ckpt)) >= s.trainer.max_steps:

@@ -38,10 +38,28 @@ from altup_cli.runs.checkpoint import (
 )
 from altup_cli.runs.export import save_export
 from altup_cli.runs.rundir import read_meta, write_config, write_meta
-from altup_cli.training.growth import grow_with_optimizer, max_logit_change
 from altup_cli.training.schedules import lm_multiplier
 
 SAMPLE_SHAPE = (4, 128)  # the sample batch of random tokens Δlogits is measured on
+
+
+HELP = """Grow a trained checkpoint without changing its function; write a resumable run.
+
+OPS are KIND=SIZE or KIND=+N with KIND one of mlp_width (d_ff), heads (n_heads),
+value_dim (v_head_dim), key_dim (head_dim), residual_width (d_model), layers (n_layers;
+`layers=+2@0` inserts before layer 0, default at the end), and for PEER/PKM models
+ffn.d_key and ffn.num_experts (not function-preserving: needs --allow-inexact).
+
+**Examples**
+
+* `altup grow outputs/2026-11-22/10-00-00_quickstart mlp_width=1024 layers=+2 -o grown/`
+
+* `altup grow run/checkpoints/last.ckpt --to model=tiny -o grown-tiny/`
+
+* `altup grow run heads=8 key_dim=64 --lr-policy rewarm --rewarm-steps 50 -o g/`
+
+* `altup train --resume grown/ trainer.max_steps=600` — continue training the grown model.
+"""
 
 
 def _checkpoint_path(source: str) -> Path:
@@ -100,6 +118,8 @@ def grow_checkpoint(
     seed: int = 0,
 ) -> Path:
     """Grow `source` by the ops and write the run directory `out`; returns it."""
+    from altup_cli.training.growth import grow_with_optimizer, max_logit_change
+
     if lr_policy not in ("continue", "rewarm"):
         raise UserError(f"--lr-policy must be continue or rewarm, got {lr_policy!r}")
     if rewarm_steps is not None and rewarm_steps < 1:
