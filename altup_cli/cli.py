@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import typer
 
@@ -12,6 +11,7 @@ from altup_cli.commands import bench as bench_cmd
 from altup_cli.commands import eval as eval_cmd
 from altup_cli.commands import grow as grow_cmd
 from altup_cli.commands import recipes as recipes_cmd
+from altup_cli.commands import sweep as sweep_cmd
 from altup_cli.commands import train as train_cmd
 from altup_cli.errors import UserError
 
@@ -146,23 +146,7 @@ app.add_typer(sweep_app, name="sweep")
 
 @sweep_app.command(
     "isoflop",
-    help="""Plan and run an isoFLOP sweep over budgets × architectures × sizes, then fit it.
-
-Each point trains D = C / F tokens (F: the model's exact training FLOPs per token) with its
-own LR schedule, as an ordinary run in `<sweep>/points/<key>`; `results.csv` gets a row when
-a point finishes, so re-running the same command skips finished points and continues
-unfinished ones from their checkpoints.
-
-**Examples**
-
-* `altup sweep isoflop --budgets 1e13,3e13 --sizes d64x2,d96x3,nano --arch dense,peer --dry-run`
-
-* `altup sweep isoflop --recipe isoflop-peer` — the recipe's budgets, sizes and archs.
-
-* `altup sweep isoflop --budgets 1e15,3e15 --sizes nano,tiny,mini --executor local --jobs 2`
-
-* `altup sweep isoflop ... --executor slurm --partition gpu --gpus-per-node 1`
-""",
+    help=sweep_cmd.HELP_ISOFLOP,
 )
 def sweep_isoflop(
     overrides: list[str] = typer.Argument(None, help="Hydra overrides shared by every point."),
@@ -189,26 +173,12 @@ def sweep_isoflop(
     samples: int = typer.Option(1000, help="Bootstrap resamples for exponent intervals."),
 ) -> None:
     """Run an isoFLOP sweep (exit code 1 if some points failed)."""
-    from altup_cli.sweep import PointsFailed, isoflop
-    from altup_cli.sweep.plan import recipe_axes
-
-    defaults = recipe_axes(list(overrides or []), recipe)
-    chosen = {"budgets": budgets, "sizes": sizes, "arch": arch}
-    for key, value in chosen.items():
-        if value is None and defaults.get(key) is None:
-            raise UserError(f"--{key} is required (or a recipe with sweep.{key})")
-    try:
-        isoflop(
-            list(overrides or []), recipe, budgets or defaults["budgets"],
-            arch or defaults["arch"], sizes or defaults["sizes"], executor, jobs, dry_run,
-            min_steps or int(defaults.get("min_steps") or 20), run_flagged, directory,
-            {"partition": partition, "gpus_per_node": gpus_per_node,
-             "cpus_per_task": cpus_per_task, "timeout_min": timeout_min},
-            samples,
-        )  # fmt: skip
-    except PointsFailed as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise typer.Exit(1) from None
+    slurm = {"partition": partition, "gpus_per_node": gpus_per_node,
+             "cpus_per_task": cpus_per_task, "timeout_min": timeout_min}  # fmt: skip
+    sweep_cmd.isoflop_command(
+        list(overrides or []), recipe, budgets, arch, sizes, executor, jobs, dry_run,
+        min_steps, run_flagged, directory, slurm, samples,
+    )  # fmt: skip
 
 
 @sweep_app.command("analyze")
@@ -217,12 +187,7 @@ def sweep_analyze(
     samples: int = typer.Option(1000, help="Bootstrap resamples for exponent intervals."),
 ) -> None:
     """Fit and plot a sweep's results: parabolas per budget, power laws across budgets."""
-    from altup_cli.sweep import analyze
-
-    path = Path(directory).expanduser()
-    if not (path / "results.csv").is_file():
-        raise UserError(f"{directory}: no results.csv there (not a sweep directory?)")
-    analyze(path, samples)
+    sweep_cmd.analyze_command(directory, samples)
 
 
 eval_app = typer.Typer(help="Evaluate pretrained checkpoints.", no_args_is_help=True)
@@ -297,6 +262,56 @@ def bench(
         d_models=d_models, experts=experts, tokens=tokens, naive_max=naive_max,
     )  # fmt: skip
 
+
+
+@app.command(
+    help="""Complete prompts with a trained model; stream the text as it comes.
+
+Greedy at `--temperature 0`, else sampled from the top-k tokens and the top-p nucleus,
+reproducibly for a `--seed`. Several prompts (`--prompts-file`, one per line) and
+`--num-samples` run as one batch, printed when done. Each completion stops at the
+tokenizer's end-of-text token or after `--max-new-tokens`. Expert-choice MoE models are
+refused (their routing is not causal).
+
+**Examples**
+
+* `altup generate outputs/2026-11-22/10-00-00_quickstart --prompt "ROMEO:"`
+
+* `altup generate RUN --prompt "To be" --temperature 0 --max-new-tokens 40` — greedy.
+
+* `altup generate RUN/checkpoints/last.ckpt --prompts-file prompts.txt --num-samples 3
+  --top-p 0.9 --seed 1 --json samples.json`
+"""
+)
+def generate(
+    model: str = typer.Argument(..., help="A run directory, export directory or .ckpt."),
+    prompt: str | None = typer.Option(None, "--prompt", "-p", help="The text to complete."),
+    prompts_file: str | None = typer.Option(
+        None, "--prompts-file", help="A text file of prompts, one per line."
+    ),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Tokens per completion."),
+    temperature: float = typer.Option(0.8, help="0: greedy; higher: more random."),
+    top_k: int = typer.Option(0, "--top-k", help="Sample from the k likeliest tokens (0: all)."),
+    top_p: float = typer.Option(
+        1.0, "--top-p", help="Sample from the likeliest tokens of total probability p, in (0, 1]."
+    ),
+    seed: int | None = typer.Option(None, help="Seed of the sampling (default: a random one)."),
+    num_samples: int = typer.Option(1, "--num-samples", help="Completions per prompt."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    compile: bool = typer.Option(
+        False, "--compile", help="torch.compile the decode step (a static cache)."
+    ),
+    json_path: str | None = typer.Option(
+        None, "--json", help="Write prompts, completions, token counts and tokens/s here."
+    ),
+) -> None:
+    """Generate text with a trained model."""
+    from altup_cli.commands.generate import generate as run_generate
+
+    run_generate(
+        model, prompt, prompts_file, max_new_tokens, temperature, top_k, top_p, seed,
+        num_samples, device, compile, json_path,
+    )  # fmt: skip
 
 
 def main() -> None:
