@@ -35,7 +35,6 @@ from altup_cli.runs.checkpoint import in_run_dir, run_dir_of, steps_done
 from altup_cli.runs.data import PreparedData, prepare_data
 from altup_cli.runs.export import save_export
 from altup_cli.runs.request import RunRequest
-from altup_cli.runs.resume import resumed_config
 from altup_cli.runs.rundir import (
     RUN_DIR_ENV,
     check_claimable,
@@ -51,14 +50,6 @@ from altup_cli.training.datamodule import PackedTextDataModule
 from altup_cli.training.lm_module import LanguageModelModule
 from altup_cli.training.loggers import make_logger
 from altup_cli.training.trainer import build_trainer, drop_lightning_tips
-
-__all__ = [  # with re-exports for callers that do not yet import them from their new homes
-    "RUN_DIR_ENV",
-    "prepare_data",
-    "print_summary",
-    "resumed_config",
-    "train",
-]
 
 log = logging.getLogger("altup")
 
