@@ -23,7 +23,8 @@ from altup_cli.evaluation.glue import glue_scores, majority, subsample
 from altup_cli.glue import METRICS, TASKS
 from altup_cli.glue.tasks import Split, load_hf_task, load_tsv_task, read_tsv
 from altup_cli.growth import grow, parse_op
-from altup_cli.models.transformer import ModelConfig, TransformerLM
+from altup_cli.models.config import ModelConfig
+from altup_cli.models.transformer import TransformerLM
 from altup_cli.runs.export import load_tokenizer, save_export
 from altup_cli.training.glue import GlueModule, encode, loader
 from tests.conftest import tiny_overrides

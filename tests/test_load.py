@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from altup_cli.errors import UserError
-from altup_cli.models.transformer import ModelConfig, TransformerLM
+from altup_cli.models.config import ModelConfig
+from altup_cli.models.transformer import TransformerLM
 from altup_cli.runs.export import load, load_tokenizer, save_export
 
 TINY = ModelConfig(vocab_size=32, d_model=8, n_layers=1, n_heads=2, d_ff=16, max_seq_len=16)

@@ -17,7 +17,7 @@ from altup_cli.bench.lightning import BareTrainer, bare_loop, preset_config, ran
 from altup_cli.bench.measure import interleave, resolve_device, timed
 from altup_cli.console import console, print_table
 from altup_cli.models import ModelConfig, parameter_counts, training_flops_per_token
-from altup_cli.models.altup import AltUpConfig
+from altup_cli.models.config import AltUpConfig
 
 if TYPE_CHECKING:
     from altup_cli.bench import BenchOptions

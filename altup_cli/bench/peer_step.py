@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from altup_cli.bench import measure
 from altup_cli.bench.peer_layers import D_KEY, HEADS, MATCHED, TOPK, layer, reference_peer
 from altup_cli.models import ModelConfig, TransformerLM
-from altup_cli.models.feedforward import MLP, FFNConfig
+from altup_cli.models.config import FFNConfig
+from altup_cli.models.feedforward import MLP
 from altup_cli.training.optim import build_optimizer, dense_parameters, no_weight_decay
 
 OPTIM = {"lr": 1e-3, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8}

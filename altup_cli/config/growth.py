@@ -9,7 +9,7 @@ from typing import Any
 from altup_cli.config.compose import model_preset
 from altup_cli.config.schema import Settings
 from altup_cli.errors import UserError, check_choice, require
-from altup_cli.models.transformer import ModelConfig
+from altup_cli.models.config import ModelConfig
 
 LR_POLICIES = ("continue", "rewarm")
 

@@ -8,7 +8,7 @@ import os
 
 from altup_cli.config.schema import Settings
 from altup_cli.errors import require
-from altup_cli.models.transformer import ModelConfig
+from altup_cli.models.config import ModelConfig
 
 BYTES_PER_TRAINED_PARAMETER = 16  # fp32 weight, gradient and Adam's two moments
 

@@ -11,9 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from altup_cli.errors import UserError
-from altup_cli.models.altup import AltUpConfig
-from altup_cli.models.feedforward import FFNConfig
-from altup_cli.models.transformer import ModelConfig
+from altup_cli.models.config import AltUpConfig, FFNConfig, ModelConfig
 
 # 256 bytes + EOS: the smallest vocabulary a tokenizer here has. It stands in for the
 # tokenizer's size when a model is checked before the tokenizer exists.

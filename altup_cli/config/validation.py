@@ -27,8 +27,7 @@ from altup_cli.config.schema import (
     read_section,
 )
 from altup_cli.errors import UserError, check_choice, require
-from altup_cli.models.altup import AltUpConfig
-from altup_cli.models.feedforward import FFNConfig
+from altup_cli.models.config import AltUpConfig, FFNConfig, ffn_kind
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=,-]{0,99}")
 SECTIONS = ("run", "optim", "data", "tokenizer", "trainer", "logger", "model", "altup", "ffn",
@@ -120,7 +119,7 @@ def _check_values(s: Settings) -> None:
         check_choice(s.logger.mode, WANDB_MODES, "logger.mode")
     t = s.trainer
     require(
-        not ("fsdp" in str(t.strategy) and s.ffn.kind in ("peer", "pkm")),
+        not ("fsdp" in str(t.strategy) and not ffn_kind(s.ffn.kind).supports_fsdp),
         f"ffn={s.ffn.kind} does not support trainer.strategy={t.strategy} (its expert tables "
         "keep factored gradients that DDP supports and FSDP does not); use trainer=ddp",
     )

@@ -18,7 +18,8 @@ import torch
 
 from altup_cli.errors import UserError, first_line
 from altup_cli.files import atomic_path
-from altup_cli.models.transformer import ModelConfig, TransformerLM
+from altup_cli.models.config import ModelConfig
+from altup_cli.models.transformer import TransformerLM
 from altup_cli.runs.rundir import read_meta
 
 if TYPE_CHECKING:

@@ -15,7 +15,8 @@ from safetensors.torch import load_model, save_model
 
 from altup_cli.errors import UserError, first_line
 from altup_cli.files import atomic_path, write_json
-from altup_cli.models.transformer import ModelConfig, TransformerLM
+from altup_cli.models.config import ModelConfig
+from altup_cli.models.transformer import TransformerLM
 from altup_cli.runs.checkpoint import (
     checkpoint_file,
     model_from_checkpoint,

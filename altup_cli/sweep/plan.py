@@ -25,21 +25,16 @@ from typing import Any
 
 from altup_cli.config import compose_config, conf_dir, validate
 from altup_cli.errors import UserError
+from altup_cli.models.config import sweep_archs
 from altup_cli.models.counting import (
     active_parameters,
     parameter_counts,
     training_flops_per_token,
 )
 
-# Architecture axis: the overrides that make each family (PEER paper Fig. 1, plus AltUp).
-ARCHS: dict[str, list[str]] = {
-    "dense": ["ffn=dense", "altup=off"],
-    "moe": ["ffn=moe", "altup=off"],
-    "pkm": ["ffn=pkm", "altup=off"],
-    "peer": ["ffn=peer", "altup=off"],
-    "altup_k2": ["ffn=dense", "altup=k2"],
-    "recycled_k2": ["ffn=dense", "altup=recycled_k2"],
-}
+# Architecture axis: each registered FFN kind and residual-stream variant names its archs
+# and their overrides (PEER paper Fig. 1, plus AltUp).
+ARCHS: dict[str, list[str]] = sweep_archs()
 _SIZE = re.compile(r"^d(?P<width>\d+)x(?P<layers>\d+)$")
 
 

@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from altup_cli.config import Settings
+from altup_cli.models.config import ModelConfig
 from altup_cli.models.counting import training_flops_per_token
 from altup_cli.models.row_gradients import is_table
-from altup_cli.models.transformer import ModelConfig, TransformerLM
+from altup_cli.models.transformer import TransformerLM
 from altup_cli.runs.checkpoint import record_run, recorded_config
 from altup_cli.training.optim import build_optimizer, dense_parameters
 from altup_cli.training.schedules import lm_multiplier

@@ -25,12 +25,12 @@ from altup_cli.config import Settings, require_devices, require_fits
 from altup_cli.console import console, say
 from altup_cli.data.tokens import epochs_covered
 from altup_cli.files import write_json
+from altup_cli.models.config import ModelConfig
 from altup_cli.models.counting import (
     active_parameters,
     parameter_counts,
     training_flops_per_token,
 )
-from altup_cli.models.transformer import ModelConfig
 from altup_cli.runs.checkpoint import in_run_dir, run_dir_of, steps_done
 from altup_cli.runs.data import PreparedData, prepare_data
 from altup_cli.runs.export import save_export
