@@ -35,7 +35,7 @@ def sweep_args(corpus: Path, cache: Path, out: Path) -> list[str]:
 
 
 def test_the_planner_spends_each_budget(corpus_dir: Path, cache_dir: Path, tmp_path: Path) -> None:
-    from altup_cli.commands.sweep import _corpus_tokens
+    from altup_cli.sweep.runner import _corpus_tokens
 
     budgets = [2e8, 6e8, 2e9]
     points = plan_sweep(

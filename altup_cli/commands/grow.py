@@ -22,7 +22,7 @@ import torch
 
 from altup_cli.config import require_fits
 from altup_cli.console import console, say
-from altup_cli.errors import UserError, first_line
+from altup_cli.errors import UserError, check_choice, first_line
 from altup_cli.files import umask
 from altup_cli.growth import GrowthOp, parse_op, plan, preset_ops
 from altup_cli.models import ModelConfig, TransformerLM, ffn_kind
@@ -118,10 +118,10 @@ def grow_checkpoint(
     seed: int = 0,
 ) -> Path:
     """Grow `source` by the ops and write the run directory `out`; returns it."""
+    from altup_cli.config import LR_POLICIES
     from altup_cli.training.growth import grow_with_optimizer, max_logit_change
 
-    if lr_policy not in ("continue", "rewarm"):
-        raise UserError(f"--lr-policy must be continue or rewarm, got {lr_policy!r}")
+    check_choice(lr_policy, LR_POLICIES, "--lr-policy")
     if rewarm_steps is not None and rewarm_steps < 1:
         raise UserError(f"--rewarm-steps must be positive, got {rewarm_steps}")
     out_dir = _out_dir(out)

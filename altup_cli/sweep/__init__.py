@@ -3,5 +3,6 @@ archs × sizes, each trained D = C / F tokens), `execute` (in-process, subproces
 parallel and SLURM/submitit executors, shared by the sweep and `altup compare`), `results`
 (atomic CSV tables validated on read), `state` (the sweep directory's plan, lock and
 shared-config check), `analyze` and `bootstrap` (per-budget parabolas, power laws and their
-intervals). May import config, runs and training; the commands import it.
+intervals), and `runner`, the sweep's orchestration (plan → train what is missing →
+record → fit). May import config, runs and training; the commands import it.
 """

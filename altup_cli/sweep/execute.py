@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from altup_cli.console import say
-from altup_cli.errors import UserError
+from altup_cli.errors import UserError, check_choice, require
 from altup_cli.sweep.plan import SweepPoint
 
 EXECUTORS = ("subprocess", "inprocess", "local", "slurm", "submitit-local")
@@ -39,6 +39,12 @@ class Job:
     def args(self, recipe: str | None) -> list[Any]:
         extra = [] if self.command is None else [self.command]
         return [self.overrides, recipe, str(self.run_dir), *extra]
+
+
+def check_executor(executor: str, jobs: int) -> None:
+    """The one check of `--executor` and `--jobs` (the sweep's and the comparison's)."""
+    check_choice(executor, EXECUTORS, "--executor", one_of=True)
+    require(jobs >= 1, f"--jobs must be >= 1, got {jobs}")
 
 
 def train_point(
@@ -103,8 +109,7 @@ def run_jobs(
     """Train `jobs` with the chosen executor (`folder` holds submitit's files); `on_done`
     gets each finished job and its metrics as it finishes, in this process. Returns the
     keys of the jobs that failed (`noun` names a job in the failure messages)."""
-    if executor not in EXECUTORS:
-        raise UserError(f"--executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    check_executor(executor, n_jobs)
     failed: list[str] = []
 
     def finish(job: Job, result: Callable[[], dict[str, Any]]) -> None:
