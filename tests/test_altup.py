@@ -24,7 +24,7 @@ from altup_cli.models.altup import AltUpLayer
 from altup_cli.models.config import AltUpConfig
 from altup_cli.models.sequence_altup import SequenceAltUpLayer
 from altup_cli.training.optim import param_groups
-from tests.flops import count_flops
+from tests.helpers.flops import count_flops
 
 BASE = dict(vocab_size=301, d_model=32, n_layers=4, n_heads=4, d_ff=64, max_seq_len=40)
 

@@ -19,7 +19,7 @@ from altup_cli.bench.lightning import bare_loop, lightning_loop, preset_config, 
 from altup_cli.bench.peer_layers import HEADS, TOPK
 from altup_cli.errors import UserError
 from altup_cli.models import TransformerLM, training_flops_per_token
-from tests.flops import count_flops, flop_clock
+from tests.helpers.flops import count_flops, flop_clock
 
 HAS_REFERENCE = peer_layers.reference_available()
 needs_reference = pytest.mark.skipif(not HAS_REFERENCE, reason="PEER-pytorch not installed")

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from altup_cli.config import list_recipes
-from tests.conftest import tiny_overrides
+from tests.helpers.prose import tiny_overrides
 
 
 @pytest.mark.parametrize("recipe", list_recipes())

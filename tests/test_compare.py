@@ -16,8 +16,8 @@ import lightning as L
 import pytest
 import yaml
 
-from tests.conftest import tiny_overrides
-from tests.wandb_records import history
+from tests.helpers.prose import tiny_overrides
+from tests.helpers.wandb_records import history
 
 TIMING = ("tokens_per_second", "seconds_per_step", "wall_seconds")  # differ run to run
 

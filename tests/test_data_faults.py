@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_prose, tiny_overrides
 
 from altup_cli.data import corpora
 from altup_cli.data.corpora import GPT2_BPE, RegistryArchive, fetch_archive, load_text_files
@@ -30,6 +29,7 @@ from altup_cli.data.tokenizer import (
 )
 from altup_cli.data.tokens import tokenize_corpus
 from altup_cli.errors import UserError
+from tests.helpers.prose import make_prose, tiny_overrides
 
 # ---------------------------------------------------------------- helpers
 

@@ -20,7 +20,7 @@ from altup_cli.models.product_keys import ExpertUsage, ProductKeyRetrieval
 from altup_cli.models.row_gradients import has_row_grad, materialize_row_grad
 from altup_cli.training import optim
 from altup_cli.training.optim import build_optimizer
-from tests.flops import count_flops
+from tests.helpers.flops import count_flops
 
 OPTIM = {"lr": 1e-2, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8}
 

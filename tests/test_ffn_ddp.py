@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import tiny_overrides
+from tests.helpers.prose import tiny_overrides
 from tests.test_train import PEER_TINY, _run_dir
 
 # Query BatchNorm off: its batch statistics are per rank (per micro-batch) by design.

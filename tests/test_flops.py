@@ -13,7 +13,7 @@ from altup_cli.models import ModelConfig, TransformerLM
 from altup_cli.models.config import FFNConfig
 from altup_cli.models.counting import forward_flops_per_token, training_flops_per_token
 from altup_cli.models.row_gradients import flat_terms, is_table, row_chunks
-from tests.flops import CandidateSums, count_flops
+from tests.helpers.flops import CandidateSums, count_flops
 
 SEQ, BATCH = 16, 2
 

@@ -27,11 +27,11 @@ from altup_cli.models.config import ModelConfig
 from altup_cli.models.transformer import TransformerLM
 from altup_cli.runs.export import load_tokenizer, save_export
 from altup_cli.training.glue import GlueModule, encode, loader
-from tests.conftest import tiny_overrides
-from tests.glue_fixtures import sst2_rows, write_glue
+from tests.helpers.glue import sst2_rows, write_glue
+from tests.helpers.prose import tiny_overrides
+from tests.helpers.wandb_records import history
 from tests.test_growth import KINDS
 from tests.test_train import _run_dir
-from tests.wandb_records import history
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "glue"
 

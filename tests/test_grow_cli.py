@@ -17,9 +17,9 @@ from altup_cli.config import model_preset
 from altup_cli.growth.ops import PRESET_FIELDS
 from altup_cli.runs.checkpoint import read_checkpoint
 from altup_cli.training.schedules import with_rewarm
-from tests.conftest import tiny_overrides
+from tests.helpers.prose import tiny_overrides
+from tests.helpers.wandb_records import history
 from tests.test_train import PEER_TINY, _csv_losses, _run_dir
-from tests.wandb_records import history
 
 ALL_SIX = [
     "mlp_width=96",

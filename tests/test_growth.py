@@ -21,7 +21,7 @@ from altup_cli.models.config import AltUpConfig, FFNConfig, ModelConfig
 from altup_cli.models.row_gradients import is_table, materialize_row_grad
 from altup_cli.models.transformer import TransformerLM
 from altup_cli.training.optim import build_optimizer, group_names, indexed_state_dict, named_state
-from tests.conftest import make_prose
+from tests.helpers.prose import make_prose
 
 KINDS = {
     "baseline": {},

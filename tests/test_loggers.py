@@ -9,7 +9,7 @@ import pytest
 
 from altup_cli.config import LoggerSettings
 from altup_cli.training.loggers import make_logger, wandb_run
-from tests.wandb_records import history
+from tests.helpers.wandb_records import history
 
 
 def _settings(kind: str, mode: str | None = "offline") -> LoggerSettings:

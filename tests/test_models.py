@@ -18,7 +18,7 @@ from altup_cli.models import (
     training_flops_per_token,
 )
 from altup_cli.models.config import AltUpConfig
-from tests.flops import count_flops
+from tests.helpers.flops import count_flops
 
 CONFIGS = [
     ModelConfig(vocab_size=300, d_model=48, n_layers=2, n_heads=4, d_ff=96, max_seq_len=32),

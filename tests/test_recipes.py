@@ -20,7 +20,7 @@ from altup_cli.compare import recipe_variants
 from altup_cli.config import compose_config, list_recipes, model_preset
 from altup_cli.growth.ops import PRESET_FIELDS
 from altup_cli.sweep.plan import ARCHS
-from tests.conftest import tiny_overrides
+from tests.helpers.prose import tiny_overrides
 from tests.test_train import _run_dir
 
 # What a CPU test machine cannot have (the hub, GPUs, big vocabularies): replaced, per

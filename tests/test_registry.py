@@ -41,7 +41,7 @@ from altup_cli.models.counting import active_parameters
 from altup_cli.models.product_keys import ExpertUsage
 from altup_cli.models.row_gradients import is_table
 from altup_cli.models.stream import StreamLayer, scalar
-from tests.flops import count_flops
+from tests.helpers.flops import count_flops
 
 # Every size distinct, so an axis's length tells which config field it runs along.
 SIZES = dict(vocab_size=97, d_model=24, n_layers=3, n_heads=2, d_ff=40, max_seq_len=32)

@@ -30,7 +30,7 @@ import torch
 from altup_cli.runs.checkpoint import read_checkpoint
 from altup_cli.training.lm_module import LanguageModelModule
 from altup_cli.training.schedules import warmup_cosine
-from tests.conftest import tiny_overrides
+from tests.helpers.prose import tiny_overrides
 
 
 def _runs(outputs: Path) -> list[Path]:

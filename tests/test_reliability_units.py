@@ -17,7 +17,7 @@ import torch
 from altup_cli.errors import UserError
 from altup_cli.runs.checkpoint import read_checkpoint
 from altup_cli.training.lm_module import LanguageModelModule
-from tests.conftest import tiny_overrides
+from tests.helpers.prose import tiny_overrides
 
 LAUNCH_VARS = (
     "RANK", "SLURM_PROCID", "LOCAL_RANK", "SLURM_JOB_ID", "SLURM_STEP_ID", "TORCHELASTIC_RUN_ID",

@@ -20,7 +20,7 @@ from altup_cli.growth import grow, parse_op
 from altup_cli.models import ModelConfig, TransformerLM, parameter_counts, training_flops_per_token
 from altup_cli.models.config import AltUpConfig
 from altup_cli.models.sequence_altup import SequenceAltUpLayer
-from tests.flops import count_flops
+from tests.helpers.flops import count_flops
 from tests.test_altup import BASE, IDS
 from tests.test_growth import TOLERANCE, max_change, text_batch
 

@@ -21,7 +21,7 @@ from altup_cli.sweep.analyze import (
     undetermined_notes,
 )
 from altup_cli.sweep.plan import plan_sweep
-from tests.conftest import tiny_overrides
+from tests.helpers.prose import tiny_overrides
 
 SIZES = "d16x1,d24x1,d32x2"
 

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 import altup_cli
 from altup_cli.runs.checkpoint import read_checkpoint
-from tests.conftest import tiny_overrides
-from tests.wandb_records import history
+from tests.helpers.prose import tiny_overrides
+from tests.helpers.wandb_records import history
 
 
 def _run_dir(outputs: Path) -> Path:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from tests.conftest import make_prose
+from tests.helpers.prose import make_prose
 
 BOM = "\ufeff"
 
