@@ -28,9 +28,8 @@ from altup_cli.compare.results import add_result, read_results, result_row
 from altup_cli.compare.stats import CONVENTION, Summary, summarize
 from altup_cli.config import Settings, compose_config, validate
 from altup_cli.console import print_table, say
-from altup_cli.errors import UserError
 from altup_cli.files import write_json
-from altup_cli.sweep.execute import EXECUTORS, Job, run_jobs
+from altup_cli.sweep.execute import Job, check_executor, run_jobs
 from altup_cli.sweep.results import Table
 from altup_cli.sweep.state import check_directory, check_same_config, shared_config, sweep_lock
 
@@ -84,10 +83,7 @@ def compare(
 ) -> Path:
     """Plan, train what is missing, report; returns the comparison directory. Raises
     RunsFailed (after recording and reporting the rest) if any run failed."""
-    if executor not in EXECUTORS:
-        raise UserError(f"--executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
-    if jobs < 1:
-        raise UserError(f"--jobs must be >= 1, got {jobs}")
+    check_executor(executor, jobs)
     plan = plan_comparison(overrides, recipe, variants, seeds, vary, directory)
     check_same_config(plan.directory, plan.config, KIND)  # before anything is shown or written
     print_plan(plan.runs, read_results(plan.results), plan.directory)
