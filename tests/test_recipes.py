@@ -108,7 +108,7 @@ def test_every_recipe_named_in_the_train_help_exists(altup) -> None:
 
 
 def test_the_train_help_names_existing_groups_and_the_growth_config_step() -> None:
-    from altup_cli.cli import TRAIN_EXAMPLES
+    from altup_cli.commands.train import HELP as TRAIN_EXAMPLES
     from altup_cli.config import conf_dir
 
     text = " ".join(TRAIN_EXAMPLES.split())
