@@ -42,7 +42,7 @@ def is_temp(entry: Path) -> bool:
 
 def remove_stale_temps(directory: Path) -> None:
     """Delete the temp files in `directory` (kill -9 runs no cleanup). Callers hold the
-    cache lock (training.run.cache_lock), so no live writer owns them."""
+    cache lock (runs.data.cache_lock), so no live writer owns them."""
     if not directory.is_dir():
         return
     for entry in directory.iterdir():

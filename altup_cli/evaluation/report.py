@@ -15,7 +15,7 @@ from typing import Any
 
 from altup_cli.errors import UserError
 from altup_cli.evaluation.task import TaskResult
-from altup_cli.files import write_json, write_text
+from altup_cli.files import write_json
 
 Scores = Callable[[dict[str, Any]], dict[str, Any]]  # task entries -> top-level aggregates
 
@@ -52,10 +52,10 @@ class EvalReport:
 
     def start(self, settings: dict[str, Any]) -> None:
         """Create the directory and record the resolved settings (nothing is written before)."""
-        from omegaconf import OmegaConf
+        from altup_cli.runs.rundir import write_yaml
 
         self.run_dir.mkdir(parents=True)
-        write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(settings)))
+        write_yaml(self.run_dir / "config.yaml", settings)
 
     def add(self, name: str, result: TaskResult, baseline_name: str) -> None:
         self.data["tasks"][name] = result.entry(baseline_name)

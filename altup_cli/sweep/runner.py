@@ -236,12 +236,12 @@ def _log_to_wandb(
         return
     import wandb
 
-    os.environ.setdefault("WANDB_SILENT", "true")
-    run = wandb.init(
-        project=logger.get("project"), group=plan["name"], job_type="isoflop-analysis",
-        name=f"{plan['name']}-analysis", dir=str(sweep_dir), mode=logger.get("mode") or "offline",
-        reinit="create_new",
-    )  # fmt: skip
+    from altup_cli.config import LoggerSettings
+    from altup_cli.training.loggers import wandb_run
+
+    settings = LoggerSettings(kind="wandb", project=logger.get("project"), entity=None,
+                              mode=logger.get("mode") or "offline", group=plan["name"])  # fmt: skip
+    run = wandb_run(settings, sweep_dir, f"{plan['name']}-analysis", "isoflop-analysis")
     run.log({
         "results": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows]),
         **({"fits": wandb.Table(columns=list(table[0]), data=[list(r.values()) for r in table])}
