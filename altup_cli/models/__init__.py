@@ -1,5 +1,6 @@
 """Plain-PyTorch models: the transformer, its feed-forward kinds and residual-stream
-variants, their registries (`config.py`) and their parameter and FLOP counts. No
+variants, their registries (`config.py`), their parameter and FLOP counts, and decoding
+token by token with a key/value cache (`kv_cache`, `sampling`, `generation`). No
 Lightning, Hydra, W&B or Typer imports here; every other package may import this one, and
 it imports none of them. Importing it registers every kind and variant, in the order the
 messages list them: a new kind or variant is one module here, imported below.

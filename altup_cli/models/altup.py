@@ -12,7 +12,7 @@ embedding K times. The scalars and the mixing stay fp32 under any cast or autoca
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ from altup_cli.models.config import (
     register_stream_variant,
 )
 from altup_cli.models.stream import StreamLayer, fp32, scalar
+
+if TYPE_CHECKING:
+    from altup_cli.models.kv_cache import LayerCache
 
 
 class AltUpLayer(StreamLayer):
@@ -59,7 +62,11 @@ class AltUpLayer(StreamLayer):
         P, g = self.predictor, self.corrector
         return torch.cat([P - g[:, None] * P[self._active][None, :], g[:, None]], dim=1)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
+    ) -> torch.Tensor:
+        """Every step is per token but the layer's, whose attention reads the `cache` (of
+        its activated block's keys and values) when decoding."""
         # AltUp's algebra runs in fp32 whatever the autocast: the innovation ỹ − x̂^{j*} is
         # small next to the stream and would lose its bits in bf16 (spec, Numerics).
         fused = torch.is_grad_enabled() and not torch.compiler.is_compiling()
@@ -72,7 +79,8 @@ class AltUpLayer(StreamLayer):
             with torch.autocast(x.device.type, enabled=False):
                 flat = fp32(x).reshape(self.K, -1)
                 layer_in = (self.predictor[self._active] @ flat).view(x.shape[1:]).type_as(x)
-        layer_out = self.layer(layer_in, cos, sin)
+        decoding = () if cache is None else (cache,)  # the full forward calls layer(x, cos, sin)
+        layer_out = self.layer(layer_in, cos, sin, *decoding)
         with torch.autocast(x.device.type, enabled=False):
             if fused:
                 return _Mix.apply(x, layer_out, self.mixing(), slot).type_as(x)

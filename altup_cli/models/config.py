@@ -103,6 +103,8 @@ class FFNKind:
     growth_refusals: Mapping[str, str] = field(default_factory=dict)  # fields that cannot grow
     check_growth: Callable[[str, int], None] = _accept  # (field, target size) it cannot take
     logs_expert_usage: bool = False  # has ExpertUsage modules (the usage logger runs)
+    # Why a layer of this config cannot decode token by token (None: it can)
+    decoding_refusal: Callable[[FFNConfig], str | None] = _accept
     supports_fsdp: bool = True
     sweep: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # arch → overrides
     examples: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # growth bench
@@ -160,6 +162,12 @@ def layer_kinds(cfg: ModelConfig) -> list[FFNKind]:
     taken = set(cfg.ffn.layer_indices(cfg.n_layers))
     kind, fallback = ffn_kind(cfg.ffn.kind), FFN_KINDS[FALLBACK_KIND]
     return [kind if i in taken else fallback for i in range(cfg.n_layers)]
+
+
+def decoding_refusal(cfg: ModelConfig) -> str | None:
+    """Why this model cannot generate with a cache (a layer that is not causal), or None."""
+    reasons = (kind.decoding_refusal(cfg.ffn) for kind in layer_kinds(cfg))
+    return next((r for r in reasons if r), None)
 
 
 def ffn_layouts() -> dict[type[nn.Module], Layout]:

@@ -156,6 +156,15 @@ def _flops(cfg: ModelConfig) -> dict[str, float]:
     return {"experts": 2.0 * d * f.num_experts + per_token * 4 * d * cfg.d_ff}
 
 
+def _decoding_refusal(f: FFNConfig) -> str | None:
+    if f.routing != "expert_choice":
+        return None
+    return (
+        "expert-choice MoE routing is not causal (a token's experts depend on later tokens), "
+        "so the model cannot generate text token by token"
+    )
+
+
 register_ffn_kind(
     FFNKind(
         name="moe",
@@ -171,6 +180,7 @@ register_ffn_kind(
             cfg.d_model * cfg.ffn.num_experts + cfg.ffn.topk * 2 * cfg.d_model * cfg.d_ff
         ),
         flops=_flops,
+        decoding_refusal=_decoding_refusal,
         layout={  # router (E, d), w1 (E, d, p), w2 (E, p, d)
             "router.weight": {1: Span("d_model")},
             "w1": {1: Span("d_model"), 2: Span("d_ff")},

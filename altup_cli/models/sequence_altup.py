@@ -8,11 +8,14 @@ every layer) leave a non-anchor token unseen by every later position; rotating a
 (layer ℓ's at t ≡ ℓ mod k, stored per layer) make every token an anchor in some layer.
 `altup.sequence_layers` picks the layers that do this (all, middle, or indices); the
 others run as plain layers on every token. The scalars and the mixing stay fp32.
+Decoding with a cache runs the layer on the new anchors (their keys and values, alone,
+kept for later anchors) and carries each row's last anchor to the tokens after it.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -25,6 +28,9 @@ from altup_cli.models.config import (
     select_layers,
 )
 from altup_cli.models.stream import StreamLayer, fp32, scalar
+
+if TYPE_CHECKING:
+    from altup_cli.models.kv_cache import LayerCache
 
 
 class SequenceAltUpLayer(StreamLayer):
@@ -65,7 +71,11 @@ class SequenceAltUpLayer(StreamLayer):
             self.anchor_offset.fill_(offset)
         self._offset = offset
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
+    ) -> torch.Tensor:
+        if cache is not None:
+            return self._decode(x, cos, sin, cache)
         o = self._offset
         if o == 0:
             return self._from_first_token(x, cos, sin)
@@ -93,6 +103,73 @@ class SequenceAltUpLayer(StreamLayer):
             pred_anchor = (alpha + beta) * a32
             innovation = (a32 - pred_anchor) + (fp32(anchor_out) - a32)
             out = predicted + self.corrector * innovation.index_select(1, of_anchor)
+        return out.type_as(x)
+
+    def _decode(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache
+    ) -> torch.Tensor:
+        """The step's new tokens x (B, T, d) at their positions: the layer runs on the new
+        tokens that are an anchor in some row (all of them for a static cache), keeping
+        the keys and values of the rows' anchors alone."""
+        step = cache.step
+        assert step is not None
+        o, k, positions = self._offset, self.stride, step.positions
+        is_anchor = (positions >= o) & ((positions - o) % k == 0)  # (B, T)
+        if step.static:
+            run = torch.arange(x.shape[1], device=x.device)
+        else:
+            run = is_anchor.any(0).nonzero().flatten()
+        anchor_out = None
+        if run.numel():
+            view = cache.narrow(run, is_anchor.index_select(1, run))
+            anchor_out = self.layer(
+                x.index_select(1, run), cos.index_select(-2, run), sin.index_select(-2, run), view
+            )
+        if self.skip_only:
+            if anchor_out is None:
+                return x
+            kept = torch.where(is_anchor.index_select(1, run)[..., None], anchor_out, x[:, run])
+            return x.index_copy(1, run, kept)
+        return self._correct(x, anchor_out, run, is_anchor, cache)
+
+    def _correct(
+        self,
+        x: torch.Tensor,
+        anchor_out: torch.Tensor | None,
+        run: torch.Tensor,
+        is_anchor: torch.Tensor,
+        cache: LayerCache,
+    ) -> torch.Tensor:
+        """`_from_first_token`'s predict and correct, token by token: each token takes the
+        last anchor at or before it, among the new tokens or carried in `cache.anchor`."""
+        batch, T, d = x.shape
+        with torch.autocast(x.device.type, enabled=False):
+            alpha, beta = self.predictor[0], self.predictor[1]
+            x32 = fp32(x)
+            layer_out = torch.zeros_like(x32)
+            if anchor_out is not None:
+                layer_out = layer_out.index_copy(1, run, fp32(anchor_out))
+            # at an anchor a, x_a is the token's own input: innovation (x_a − x̂_a) + (ỹ_a − x_a)
+            innovation = (x32 - (alpha + beta) * x32) + (layer_out - x32)
+            index = torch.arange(T, device=x.device).expand(batch, T)
+            last = torch.where(is_anchor, index, -1).cummax(1).values  # (B, T); −1: none yet
+            here = (last >= 0)[..., None]
+            gather = last.clamp(min=0)[..., None].expand(batch, T, d)
+            if cache.anchor is None:
+                cache.anchor = (
+                    torch.zeros(batch, 1, dtype=torch.bool, device=x.device),
+                    x32.new_zeros(batch, 1, d),
+                    x32.new_zeros(batch, 1, d),
+                )
+            had, carried_x, carried_innovation = cache.anchor
+            anchor_x = torch.where(here, x32.gather(1, gather), carried_x)
+            anchor_innovation = torch.where(here, innovation.gather(1, gather), carried_innovation)
+            seen = here | had[..., None]
+            predicted = alpha * x32 + beta * anchor_x
+            out = torch.where(seen, predicted + self.corrector * anchor_innovation, x32)
+            had.copy_(seen[:, -1])
+            carried_x.copy_(anchor_x[:, -1:])
+            carried_innovation.copy_(anchor_innovation[:, -1:])
         return out.type_as(x)
 
 

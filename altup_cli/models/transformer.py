@@ -4,7 +4,8 @@ Every shape that function-preserving growth changes is an independent field of
 `ModelConfig`: residual width, layers, heads, query/key dim per head, value dim per head
 and MLP width. The model reads top to bottom: RMSNorm, Rotary, Attention, Block,
 TransformerLM. `TransformerLM.run_blocks` is the seam a wrapper (AltUp) uses to run one
-block of a wider stream through each layer.
+block of a wider stream through each layer. `TransformerLM.decode` appends tokens to a
+`KVCache` (`new_cache`) and returns their logits, as the full forward computes them.
 """
 
 from __future__ import annotations
@@ -16,14 +17,18 @@ from torch import nn
 from altup_cli.models.config import (
     FFN_KINDS,
     ModelConfig,
+    decoding_refusal,
     ffn_layouts,
     stream_variant,
     writes_stream,
 )
 from altup_cli.models.feedforward import build_feedforward
+from altup_cli.models.kv_cache import CacheView, KVCache, LayerCache
 from altup_cli.models.product_keys import ExpertUsage
 from altup_cli.models.row_gradients import clear_row_grads
 from altup_cli.models.stream import fp32, positions_run
+
+Cache = LayerCache | CacheView | None  # what a layer decodes with (None: the full forward)
 
 
 class RMSNorm(nn.Module):
@@ -58,6 +63,12 @@ class Rotary(nn.Module):
         angles = torch.outer(positions, inv_freq)
         return angles.cos(), angles.sin()
 
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (B, 1, T, D/2) at each row's own positions (B, T)."""
+        inv_freq = fp32(self.inv_freq).to(positions.device)
+        angles = positions.to(inv_freq.dtype)[..., None] * inv_freq
+        return angles.cos()[:, None], angles.sin()[:, None]
+
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate channel pairs (x[2i], x[2i+1]) by position·inv_freq[i]; x is (B, H, T, D)."""
@@ -78,13 +89,19 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.d_model, cfg.n_heads * cfg.v_head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Cache = None
+    ) -> torch.Tensor:
+        """With a `cache`, x holds the new tokens only, and attention reads the cached ones."""
         batch, seq, _ = x.shape
         q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(batch, seq, self.n_heads, self.v_head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = cache.attend(q, k, v)
         return self.wo(y.transpose(1, 2).reshape(batch, seq, self.n_heads * self.v_head_dim))
 
 
@@ -105,8 +122,10 @@ class Block(nn.Module):
         self.ffn = build_feedforward(cfg, layer_index)
         self.token_mask: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Cache = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
         return x + self.feedforward(self.ffn_norm(x))
 
     def feedforward(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,6 +134,11 @@ class Block(nn.Module):
             return self.ffn(x)
         y = self.ffn(x[mask])  # (real tokens, d)
         return y.new_zeros(*mask.shape, y.shape[-1]).index_put((mask,), y)
+
+
+def block_of(layer: nn.Module) -> Block:
+    """The `Block` a (possibly wrapped) layer runs."""
+    return next(m for m in layer.modules() if isinstance(m, Block))
 
 
 class TransformerLM(nn.Module):
@@ -189,14 +213,23 @@ class TransformerLM(nn.Module):
             )
         if mask is not None and mask.shape != idx.shape:
             raise ValueError(f"token mask of shape {tuple(mask.shape)} for ids {tuple(idx.shape)}")
-        h = self.embed(idx)
-        if self.widen is not None:
-            h = self.widen(self.config.altup, h, self.config.d_model)
+        h = self.stream(idx)
         self.set_token_mask(mask)
         try:
             h = self.run_blocks(h)
         finally:
             self.set_token_mask(None)
+        return self.finish(h)
+
+    def stream(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids → the residual stream: embedded, and widened into K blocks by AltUp."""
+        h = self.embed(idx)
+        if self.widen is not None:
+            h = self.widen(self.config.altup, h, self.config.d_model)
+        return h
+
+    def finish(self, h: torch.Tensor) -> torch.Tensor:
+        """The last layer's stream → final-normed hidden states (B, T, d)."""
         if self.readout is not None:
             h = self.readout(h)
         return self.final_norm(h)
@@ -206,14 +239,65 @@ class TransformerLM(nn.Module):
         if mask is not None:
             mask = mask.to(device=self.embed.weight.device, dtype=torch.bool)
         for layer in self.blocks:
-            block = next(m for m in layer.modules() if isinstance(m, Block))
+            block = block_of(layer)
             block.token_mask = None if mask is None else mask[:, positions_run(layer)]
 
     def forward(self, idx: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.features(idx, mask)
+        return self.logits(self.features(idx, mask))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states (B, T, d) → next-token logits (B, T, vocab)."""
         if self.head_from_embedding:
             return F.linear(h, self.embed.weight[:, : self.config.d_model])
         return self.lm_head(h)
+
+    def new_cache(
+        self,
+        batch_size: int,
+        max_len: int,
+        pads: list[int] | None = None,
+        static: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> KVCache:
+        """An empty cache for `batch_size` rows of up to `max_len` tokens, row b left-padded
+        by `pads[b]` (its tokens at positions slot − pads[b]); `static` for torch.compile.
+        A ValueError for a model that cannot decode causally or a cache past its context."""
+        refusal = decoding_refusal(self.config)
+        if refusal:
+            raise ValueError(refusal)
+        pads = [0] * batch_size if pads is None else list(pads)
+        if len(pads) != batch_size or min(pads, default=0) < 0:
+            raise ValueError(f"pads {pads} for {batch_size} rows")
+        if max_len - min(pads) > self.config.max_seq_len:
+            raise ValueError(
+                f"{max_len - min(pads)} tokens exceed max_seq_len {self.config.max_seq_len}"
+            )
+        layers = []
+        for layer in self.blocks:
+            attn = block_of(layer).attn
+            sparse = positions_run(layer) != slice(None)
+            layers.append((attn.n_heads, attn.head_dim, attn.v_head_dim, sparse))
+        weight = self.embed.weight
+        return KVCache(layers, max_len, pads, static, dtype or weight.dtype, weight.device)
+
+    def decode(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Append the tokens idx (B, T) to `cache` (a prefill or one step); their logits
+        (B, T, vocab) equal the full forward's at their positions. Run in eval mode."""
+        step = cache.begin(idx.shape[1])
+        logits = self.decode_step(idx, cache)
+        cache.advance(step)
+        return logits
+
+    def decode_step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """The model's part of `decode`, on a cache whose step has begun: what
+        `torch.compile` compiles for a static cache."""
+        step = cache.layers[0].step
+        assert step is not None, "decode_step outside KVCache.begin / advance"
+        h = self.stream(idx)
+        cos, sin = self.rotary.at(step.positions)
+        for layer, layer_cache in zip(self.blocks, cache.layers, strict=True):
+            h = layer(h, cos, sin, layer_cache)
+        return self.logits(self.finish(h))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
