@@ -7,6 +7,8 @@ Python API (plain PyTorch, no Lightning needed):
     model, config = altup_cli.load("outputs/2026-11-22/10-00-00_quickstart")
     tokenizer = altup_cli.load_tokenizer("outputs/2026-11-22/10-00-00_quickstart")
     logits = model(torch.tensor([tokenizer.encode("To be").ids]))
+    [completion] = altup_cli.generate(model, tokenizer, "To be", max_new_tokens=40, seed=0)
+    print(completion.prompt + completion.text)  # temperature=0: greedy; top_k, top_p
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from altup_cli.models import (
     training_flops_per_token,
 )
 from altup_cli.runs.export import load, load_tokenizer, save_export
+from altup_cli.runs.generation import Completion, generate
 
 __version__ = "0.1.0"
 
@@ -32,10 +35,12 @@ def build_model(config: ModelConfig | dict[str, Any]) -> TransformerLM:
 
 
 __all__ = [
+    "Completion",
     "ModelConfig",
     "TransformerLM",
     "build_model",
     "forward_flops_per_token",
+    "generate",
     "load",
     "load_tokenizer",
     "parameter_counts",
