@@ -26,6 +26,8 @@ SUITES: dict[str, frozenset[str]] = {
     "peer": frozenset({"--repeats", "--batch-size", "--seq-len", "--device"})
     | {"--d-models", "--experts", "--tokens", "--naive-max"},
     "growth": frozenset(),
+    "decode": frozenset({"--models", "--steps", "--repeats", "--batch-size", "--seq-len"})
+    | {"--device", "--compile"},
 }
 
 
