@@ -125,8 +125,19 @@ class Block(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Cache = None
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
-        return x + self.feedforward(self.ffn_norm(x))
+        x = x + self.attention_branch(x, cos, sin, cache)
+        return x + self.ffn_branch(x)
+
+    def attention_branch(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Cache = None
+    ) -> torch.Tensor:
+        """The attention sub-layer's update to the residual stream, attn(norm(x)): what a
+        variant that mixes streams around each sub-layer (Hyper-Connections) calls."""
+        return self.attn(self.attn_norm(x), cos, sin, cache)
+
+    def ffn_branch(self, x: torch.Tensor) -> torch.Tensor:
+        """The feed-forward sub-layer's update to the residual stream, ffn(norm(x))."""
+        return self.feedforward(self.ffn_norm(x))
 
     def feedforward(self, x: torch.Tensor) -> torch.Tensor:
         mask = self.token_mask
