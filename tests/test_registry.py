@@ -29,16 +29,10 @@ from altup_cli.models import (
     parameter_counts,
     stream_variant,
 )
-from altup_cli.models.config import (
-    AltUpConfig,
-    FFNConfig,
-    Span,
-    growth_examples,
-    module_layouts,
-    sweep_archs,
-)
+from altup_cli.models.config import AltUpConfig, FFNConfig
 from altup_cli.models.counting import active_parameters
 from altup_cli.models.product_keys import ExpertUsage
+from altup_cli.models.registry import Span, growth_examples, module_layouts, sweep_archs
 from altup_cli.models.row_gradients import is_table
 from altup_cli.models.stream import StreamLayer, scalar
 from tests.helpers.flops import count_flops

@@ -2,7 +2,7 @@
 composed, on nano-sized models of every kind in fp32 and fp64.
 
 The models are the registered growth examples (one per FFN kind and residual-stream
-variant: `models.config.growth_examples`), each kind's own ops (`ffn.d_key`) run where the
+variant: `models.registry.growth_examples`), each kind's own ops (`ffn.d_key`) run where the
 kind grows that field. They are randomised away from their initial values (norm gains,
 AltUp scalars and BatchNorm statistics included) so that every rescaling rule is
 exercised; Δlogits is measured on random tokens in eval mode.
@@ -17,7 +17,7 @@ import torch
 from altup_cli.console import print_table, say
 from altup_cli.growth import grow, parse_op
 from altup_cli.models import ModelConfig, TransformerLM
-from altup_cli.models.config import ffn_kind, growth_examples
+from altup_cli.models.registry import ffn_kind, growth_examples
 
 if TYPE_CHECKING:
     from altup_cli.bench import BenchOptions

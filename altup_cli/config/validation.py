@@ -27,7 +27,8 @@ from altup_cli.config.schema import (
     read_section,
 )
 from altup_cli.errors import UserError, check_choice, require
-from altup_cli.models.config import AltUpConfig, FFNConfig, ffn_kind
+from altup_cli.models.config import AltUpConfig, FFNConfig
+from altup_cli.models.registry import ffn_kind
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=,-]{0,99}")
 SECTIONS = ("run", "optim", "data", "tokenizer", "trainer", "logger", "model", "altup", "ffn",

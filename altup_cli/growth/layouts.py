@@ -1,7 +1,7 @@
 """Where the old entries of a laid-out tensor go when its model grows.
 
 Each feed-forward kind and stream variant declares, per tensor and axis, the `Span` of the
-config it runs along (`models.config`: its registry entry's layout); `SPANS` says which
+config it runs along (`models.registry`: its entry's layout); `SPANS` says which
 config field moves each span and where an axis of old length n keeps its old entries, so
 one function places every registered kind's tensors for mlp_width, residual_width and the
 kinds' own `ffn.<field>` ops, and tells which of a layer's tensors write the stream.
@@ -15,7 +15,8 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 
 from altup_cli.growth.remap import Axis, Placement, blocked, prefix
-from altup_cli.models.config import FFN_KINDS, ModelConfig, Span, module_layouts, writes_stream
+from altup_cli.models.config import ModelConfig
+from altup_cli.models.registry import FFN_KINDS, Span, module_layouts, writes_stream
 from altup_cli.models.transformer import TransformerLM
 
 
@@ -69,9 +70,7 @@ def laid_out(model: TransformerLM) -> Iterator[tuple[str, torch.Tensor, Mapping[
                 yield (f"{p}.{name}" if p else name), tensors[name], spans
 
 
-def span_placements(
-    model: TransformerLM, field: str, new_cfg: ModelConfig
-) -> dict[str, Placement]:
+def span_placements(model: TransformerLM, field: str, new_cfg: ModelConfig) -> dict[str, Placement]:
     """Where the old entries of every laid-out tensor go when `field` grows."""
     placements: dict[str, Placement] = {}
     for name, tensor, spans in laid_out(model):

@@ -18,7 +18,8 @@ from altup_cli.growth.transforms import (
     grown_config,
     inexact_reason,
 )
-from altup_cli.models.config import FFN_KINDS, STREAM_VARIANTS, ModelConfig
+from altup_cli.models.config import ModelConfig
+from altup_cli.models.registry import FFN_KINDS, STREAM_VARIANTS
 from altup_cli.models.transformer import TransformerLM
 
 ALIASES = {

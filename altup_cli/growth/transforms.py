@@ -31,13 +31,8 @@ import torch
 
 from altup_cli.growth.layouts import blocks_of, output_side, span_placements
 from altup_cli.growth.remap import Axis, NamedState, Placement, blocked, prefix, rebuild
-from altup_cli.models.config import (
-    FALLBACK_KIND,
-    FFN_KINDS,
-    ModelConfig,
-    ffn_kind,
-    stream_variant,
-)
+from altup_cli.models.config import ModelConfig
+from altup_cli.models.registry import FALLBACK_KIND, FFN_KINDS, ffn_kind, stream_variant
 from altup_cli.models.stream import StreamLayer
 from altup_cli.models.transformer import Attention, Block, RMSNorm, TransformerLM
 

@@ -17,13 +17,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from altup_cli.models.config import (
-    AltUpConfig,
-    ModelConfig,
-    Span,
-    StreamVariant,
-    register_stream_variant,
-)
+from altup_cli.models.config import AltUpConfig, ModelConfig
+from altup_cli.models.registry import Span, StreamVariant, register_stream_variant
 from altup_cli.models.stream import StreamLayer, fp32, scalar
 
 if TYPE_CHECKING:

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from altup_cli.models.config import FFNKind, ModelConfig, layer_kinds, stream_variant
+from altup_cli.models.config import ModelConfig
+from altup_cli.models.registry import FFNKind, layer_kinds, stream_variant
 
 
 def parameter_counts(cfg: ModelConfig) -> dict[str, int]:

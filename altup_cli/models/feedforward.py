@@ -14,12 +14,9 @@ from torch import nn
 
 from altup_cli.models.config import (
     FFNConfig,  # noqa: F401  (re-exported: its old home)
-    FFNKind,
     ModelConfig,
-    Span,
-    layer_kinds,
-    register_ffn_kind,
 )
+from altup_cli.models.registry import FFNKind, Span, layer_kinds, register_ffn_kind
 
 
 class MLP(nn.Module):

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from altup_cli.models.config import decoding_refusal
 from altup_cli.models.kv_cache import KVCache
+from altup_cli.models.registry import decoding_refusal
 from altup_cli.models.sampling import Sampling, choose
 from altup_cli.models.transformer import TransformerLM
 

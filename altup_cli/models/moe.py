@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from altup_cli.models.config import FFNConfig, FFNKind, ModelConfig, Span, register_ffn_kind
+from altup_cli.models.config import FFNConfig, ModelConfig
+from altup_cli.models.registry import FFNKind, Span, register_ffn_kind
 
 ROUTINGS = ("token_choice", "expert_choice")
 

@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 
 import altup_cli.models.product_keys as pk
-from altup_cli.models.config import FFNConfig, FFNKind, ModelConfig, Span, register_ffn_kind
+from altup_cli.models.config import FFNConfig, ModelConfig
 from altup_cli.models.product_keys import RetrievalLayer
+from altup_cli.models.registry import FFNKind, Span, register_ffn_kind
 from altup_cli.models.row_gradients import expert_dots, expert_table, weighted_rows
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}

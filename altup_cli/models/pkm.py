@@ -10,9 +10,10 @@ from __future__ import annotations
 import torch
 
 import altup_cli.models.product_keys as pk
-from altup_cli.models.config import FFNKind, ModelConfig, Span, register_ffn_kind
+from altup_cli.models.config import ModelConfig
 from altup_cli.models.peer import check_peer
 from altup_cli.models.product_keys import RetrievalLayer
+from altup_cli.models.registry import FFNKind, Span, register_ffn_kind
 from altup_cli.models.row_gradients import expert_table, weighted_rows
 
 

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from altup_cli.models.config import FFNConfig, ModelConfig, Span
+from altup_cli.models.config import FFNConfig, ModelConfig
+from altup_cli.models.registry import Span
 from altup_cli.models.row_gradients import clear_row_grads
 
 

@@ -20,13 +20,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from altup_cli.models.config import (
-    AltUpConfig,
-    ModelConfig,
-    StreamVariant,
-    register_stream_variant,
-    select_layers,
-)
+from altup_cli.models.config import AltUpConfig, ModelConfig, select_layers
+from altup_cli.models.registry import StreamVariant, register_stream_variant
 from altup_cli.models.stream import StreamLayer, fp32, scalar
 
 if TYPE_CHECKING:

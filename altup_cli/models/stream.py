@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from altup_cli.models.config import ModelConfig, StreamVariant, register_stream_variant
+from altup_cli.models.config import ModelConfig
+from altup_cli.models.registry import StreamVariant, register_stream_variant
 
 
 def fp32(t: torch.Tensor) -> torch.Tensor:

@@ -14,17 +14,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from altup_cli.models.config import (
+from altup_cli.models.config import ModelConfig
+from altup_cli.models.feedforward import build_feedforward
+from altup_cli.models.kv_cache import CacheView, KVCache, LayerCache
+from altup_cli.models.product_keys import ExpertUsage
+from altup_cli.models.registry import (
     FFN_KINDS,
-    ModelConfig,
     decoding_refusal,
     ffn_layouts,
     stream_variant,
     writes_stream,
 )
-from altup_cli.models.feedforward import build_feedforward
-from altup_cli.models.kv_cache import CacheView, KVCache, LayerCache
-from altup_cli.models.product_keys import ExpertUsage
 from altup_cli.models.row_gradients import clear_row_grads
 from altup_cli.models.stream import fp32, positions_run
 

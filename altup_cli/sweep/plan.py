@@ -25,12 +25,12 @@ from typing import Any
 
 from altup_cli.config import compose_config, conf_dir, validate
 from altup_cli.errors import UserError
-from altup_cli.models.config import sweep_archs
 from altup_cli.models.counting import (
     active_parameters,
     parameter_counts,
     training_flops_per_token,
 )
+from altup_cli.models.registry import sweep_archs
 
 # Architecture axis: each registered FFN kind and residual-stream variant names its archs
 # and their overrides (PEER paper Fig. 1, plus AltUp).

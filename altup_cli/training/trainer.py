@@ -19,7 +19,8 @@ import lightning as L
 import torch
 
 from altup_cli.config import Settings, growth_events
-from altup_cli.models.config import ModelConfig, ffn_kind
+from altup_cli.models.config import ModelConfig
+from altup_cli.models.registry import ffn_kind
 from altup_cli.training.callbacks import (
     AlignLogStepOnResume,
     DivergenceGuard,
