@@ -171,22 +171,6 @@ def test_require_devices_refuses_a_gpu_config_without_cuda(monkeypatch: pytest.M
     config_resources.require_devices(gpu)
 
 
-def test_patching_the_package_s_memory_bytes_reaches_require_fits(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The old module's patch point (tests patch altup_cli.config.memory_bytes) still works."""
-    import altup_cli.config as config
-
-    model = validate(compose_config([])).model_config()
-    monkeypatch.setattr(config, "memory_bytes", lambda: 1)
-    assert config_resources.memory_bytes() == 1
-    with pytest.raises(UserError, match="GiB for weights, gradients and Adam state"):
-        config.require_fits(model, "model")
-    monkeypatch.undo()
-    assert config_resources.memory_bytes() > 1
-    config.require_fits(model, "model")
-
-
 # --- layering ---------------------------------------------------------------------------
 
 

@@ -12,11 +12,8 @@ Importing the settings types does not import Hydra: the names that need it load 
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
-from altup_cli.config import resources
 from altup_cli.config.resources import (
     BYTES_PER_TRAINED_PARAMETER,
     memory_bytes,
@@ -92,17 +89,3 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
     globals()[name] = value
     return value
-
-
-class _Package(types.ModuleType):
-    """Transitional: tests/test_reliability_units.py patches `altup_cli.config.memory_bytes`;
-    forward that to `resources`, whose require_fits reads it (remove once the test patches
-    altup_cli.config.resources)."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "memory_bytes":
-            setattr(resources, name, value)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -10,12 +10,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from altup_cli.data import MIN_VOCAB_SIZE
 from altup_cli.errors import UserError
 from altup_cli.models.config import AltUpConfig, FFNConfig, ModelConfig
-
-# 256 bytes + EOS: the smallest vocabulary a tokenizer here has. It stands in for the
-# tokenizer's size when a model is checked before the tokenizer exists.
-MIN_VOCAB_SIZE = 257
 
 
 @dataclass
@@ -65,6 +62,40 @@ class TokenizerSettings:
 
 
 @dataclass
+class TrainingEvalSettings:
+    """Evaluation during training (`trainer.eval`): every `every` steps, at a validation
+    (and at the end), perplexity on `ppl` corpora (as `altup eval ppl --data` names them)
+    and the lm-evaluation-harness `tasks` on `limit` examples each."""
+
+    every: int = 0  # steps between evaluations, a multiple of val_check_interval; 0: off
+    ppl: list[str] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=list)
+    limit: int | None = 100  # examples per lm task (None: all)
+    num_fewshot: int | None = None
+    max_tokens: int | None = 20000  # scored tokens per ppl corpus (None: all)
+    stride: int | None = None  # ppl windows' stride (None: the context)
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        from altup_cli.data.corpora import EMBEDDED_CORPORA
+
+        for name, ok in (("every", self.every >= 0), ("batch_size", self.batch_size >= 1),
+                         ("limit", self.limit is None or self.limit >= 1),
+                         ("max_tokens", self.max_tokens is None or self.max_tokens >= 1),
+                         ("stride", self.stride is None or self.stride >= 1)):  # fmt: skip
+            if not ok:
+                raise ValueError(f"trainer.eval.{name}: got {getattr(self, name)!r}")
+        for corpus in self.ppl:
+            if corpus not in EMBEDDED_CORPORA and not corpus.startswith(("text:", "hf:")):
+                raise ValueError(
+                    f"trainer.eval.ppl: {corpus!r} is not {', '.join(EMBEDDED_CORPORA)}, "
+                    "text:PATH or hf:NAME"
+                )
+        if self.every and not (self.ppl or self.tasks):
+            raise ValueError("trainer.eval.every is set but trainer.eval.ppl and .tasks are empty")
+
+
+@dataclass
 class TrainerSettings:
     max_steps: int
     accelerator: str
@@ -77,6 +108,17 @@ class TrainerSettings:
     limit_val_batches: int
     log_every_n_steps: int
     divergence_patience: int = 0  # non-finite training losses tolerated in a row
+    eval: TrainingEvalSettings = field(default_factory=TrainingEvalSettings)
+
+    def __post_init__(self) -> None:
+        every = self.eval.every
+        if every and self.val_check_interval > 0 and every % self.val_check_interval:
+            raise ValueError(
+                f"trainer.eval.every={every} must be a multiple of trainer.val_check_interval="
+                f"{self.val_check_interval} (it runs at a validation)"
+            )
+        if every and "fsdp" in str(self.strategy):
+            raise ValueError("trainer.eval runs on rank 0 alone: not with a sharded (FSDP) model")
 
 
 @dataclass
@@ -157,6 +199,11 @@ def check_type(value: Any, annotation: Any, where: str) -> Any:
             return float(value)
     elif annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
+        if isinstance(value, dict):  # a nested section
+            return read_section(annotation, value, where)
+        if isinstance(value, annotation):
             return value
     elif annotation is Any or isinstance(value, annotation):
         return value

@@ -5,3 +5,7 @@ tokenized corpus as one cached array, its unigram entropy, epochs covered) and `
 It imports only errors, files and console; config, runs, training, evaluation and the
 commands import it.
 """
+
+# 256 bytes + EOS: the smallest vocabulary a tokenizer here has (a byte-level BPE with no
+# merges). Config checks stand it in for the tokenizer's size before the tokenizer exists.
+MIN_VOCAB_SIZE = 257

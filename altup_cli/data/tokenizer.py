@@ -9,6 +9,7 @@ from rich.markup import escape
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from altup_cli.console import console, say
+from altup_cli.data import MIN_VOCAB_SIZE
 from altup_cli.data.cache import (
     CorruptEntry,
     check_file,
@@ -41,9 +42,10 @@ def train_bpe(documents: list[str], vocab_size: int, min_frequency: int = 2) -> 
 
 def trained_tokenizer(corpus: Corpus, vocab_size: int, min_frequency: int, cache_dir: Path) -> Path:
     """Path of the cached tokenizer.json for this corpus and vocabulary, training it if needed."""
-    if vocab_size < 257:
+    if vocab_size < MIN_VOCAB_SIZE:
         raise UserError(
-            f"tokenizer.vocab_size must be at least 257 (bytes + EOS), got {vocab_size}"
+            f"tokenizer.vocab_size must be at least {MIN_VOCAB_SIZE} (bytes + EOS), "
+            f"got {vocab_size}"
         )
     key = f"bpe-{corpus.fingerprint}-v{vocab_size}-m{min_frequency}"
     path = cache_dir / "tokenizers" / key / "tokenizer.json"
