@@ -9,6 +9,7 @@ import typer
 
 from altup_cli.commands import bench as bench_cmd
 from altup_cli.commands import eval as eval_cmd
+from altup_cli.commands import eval_text as eval_text_cmd
 from altup_cli.commands import grow as grow_cmd
 from altup_cli.commands import recipes as recipes_cmd
 from altup_cli.commands import sweep as sweep_cmd
@@ -221,6 +222,53 @@ def eval_glue(
 ) -> None:
     """Fine-tune and score a checkpoint on GLUE."""
     eval_cmd.eval_glue(checkpoint, tasks, data_dir, list(overrides or []), out)
+
+
+@eval_app.command("ppl", help=eval_text_cmd.HELP_PPL)
+def eval_ppl(
+    checkpoint: str = typer.Argument(
+        ..., help="A run directory, export directory or .ckpt written by altup."
+    ),
+    overrides: list[str] = typer.Argument(None, help="Settings, e.g. eval.batch_size=32."),
+    data: list[str] = typer.Option(
+        None, "--data", "-d",
+        help="shakespeare | bible | wiki | text:PATH | hf:NAME[:CONFIG][@SPLIT] (repeat for "
+        "several; default: the run's training corpus).",
+    ),
+    split: str = typer.Option(
+        "val", help="val: held-out splits; all: embedded corpora whole (never the training one)."
+    ),
+    stride: int | None = typer.Option(
+        None, help="Tokens between window starts, 1..context (default: the context)."
+    ),
+    max_tokens: int | None = typer.Option(
+        None, "--max-tokens", help="Score at most this many tokens per corpus."
+    ),
+    fmt: str = typer.Option(
+        "file", "--format", help="text: one document per file, or per non-blank line."
+    ),
+    out: str | None = typer.Option(
+        None, "--out", "-o", help="Result directory (default OUTPUT_DIR/ppl/TIME_RUN); must be new."
+    ),
+) -> None:
+    """Perplexity and bits per byte on held-out text."""
+    eval_text_cmd.eval_ppl(checkpoint, list(data or []), split, stride, max_tokens, fmt,
+                           list(overrides or []), out)  # fmt: skip
+
+
+@eval_app.command("lambada", help=eval_text_cmd.HELP_LAMBADA)
+def eval_lambada(
+    checkpoint: str = typer.Argument(
+        ..., help="A run directory, export directory or .ckpt written by altup."
+    ),
+    overrides: list[str] = typer.Argument(None, help="Settings, e.g. eval.batch_size=32."),
+    data: str = typer.Option(..., "--data", "-d", help='LAMBADA JSONL: {"text": ...} per line.'),
+    out: str | None = typer.Option(
+        None, "--out", "-o", help="Result directory (default OUTPUT_DIR/lambada/TIME_RUN)."
+    ),
+) -> None:
+    """LAMBADA last-word accuracy and perplexity."""
+    eval_text_cmd.eval_lambada(checkpoint, data, list(overrides or []), out)
 
 
 @app.command()
