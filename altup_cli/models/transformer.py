@@ -17,6 +17,7 @@ from torch import nn
 from altup_cli.models.config import ModelConfig
 from altup_cli.models.feedforward import build_feedforward
 from altup_cli.models.kv_cache import CacheView, KVCache, LayerCache
+from altup_cli.models.laurel import Laurel
 from altup_cli.models.product_keys import ExpertUsage
 from altup_cli.models.registry import (
     FFN_KINDS,
@@ -120,6 +121,8 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = build_feedforward(cfg, layer_index)
+        rank, d = cfg.altup.laurel_rank, cfg.d_model  # LAuReL beside attention, as Gemma 3n
+        self.laurel = Laurel(d, rank, RMSNorm(d, cfg.norm_eps)) if rank else None
         self.token_mask: torch.Tensor | None = None
 
     def forward(
@@ -132,8 +135,11 @@ class Block(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Cache = None
     ) -> torch.Tensor:
         """The attention sub-layer's update to the residual stream, attn(norm(x)): what a
-        variant that mixes streams around each sub-layer (Hyper-Connections) calls."""
-        return self.attn(self.attn_norm(x), cos, sin, cache)
+        variant that mixes streams around each sub-layer (Hyper-Connections) calls; with
+        LAuReL, plus its low-rank term of the same normed input."""
+        u = self.attn_norm(x)
+        out = self.attn(u, cos, sin, cache)
+        return out if self.laurel is None else out + self.laurel(u)
 
     def ffn_branch(self, x: torch.Tensor) -> torch.Tensor:
         """The feed-forward sub-layer's update to the residual stream, ffn(norm(x))."""
