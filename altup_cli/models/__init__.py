@@ -11,6 +11,7 @@ messages list them: a new kind or variant is one module here, imported below.
 from altup_cli.models import feedforward, peer, pkm, moe  # noqa: F401, I001
 from altup_cli.models import stream, altup, sequence_altup  # noqa: F401
 from altup_cli.models import hyper_connections, mhc  # noqa: F401  (HC, mHC)
+from altup_cli.models import gemma3n_altup  # noqa: F401  (Gemma 3n's AltUp)
 from altup_cli.models.config import AltUpConfig, FFNConfig, ModelConfig
 from altup_cli.models.registry import (
     FFN_KINDS,
