@@ -139,6 +139,10 @@ def lm_callbacks(
         callbacks.append(ExpertUsageLogger(t.log_every_n_steps))
     if s.growth.pending():
         callbacks.append(GrowthSchedule(growth_events(s, model_cfg), s.run.seed))
+    if t.eval.every:
+        from altup_cli.training.eval_callback import DuringTrainingEval
+
+        callbacks.append(DuringTrainingEval(s))
     return callbacks
 
 
