@@ -1,17 +1,21 @@
-"""Callbacks: plain progress lines for non-terminals, and the run's own token/s accounting."""
+"""Callbacks: plain progress lines for non-terminals, the run's own token/s accounting, and
+the periodic logs of expert usage (PEER/PKM) and of stream connections (HC, mHC)."""
 
 from __future__ import annotations
 
 import logging
 import math
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
 import torch
+from torch import nn
 
 from altup_cli.errors import UserError
 from altup_cli.models.product_keys import ExpertUsage
+from altup_cli.models.stream import StreamLayer
 
 log = logging.getLogger("altup")
 
@@ -165,3 +169,26 @@ class ExpertUsageLogger(L.Callback):
         if metrics:
             pl_module.log_dict(metrics, rank_zero_only=True)
         model.reset_expert_usage()
+
+
+class StreamStatsLogger(L.Callback):
+    """Every `every` steps, log each wrapped layer's named scalars as `streams/<layer>/<name>`:
+    a residual-stream variant's `statistics` (Hyper-Connections: the means of A_m, A_r and B
+    and the mixing's signal gains, what the mHC paper plots for HC against mHC)."""
+
+    def __init__(self, every: int, statistics: Callable[[nn.Module], Mapping[str, float]]) -> None:
+        self.every, self.statistics, self.logged_step = every, statistics, -1
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
+        step = trainer.global_step
+        if step == 0 or step % self.every or step == self.logged_step:
+            return
+        self.logged_step = step
+        metrics = {
+            f"streams/{i}/{name}": value
+            for i, layer in enumerate(pl_module.model.blocks)
+            if isinstance(layer, StreamLayer)
+            for name, value in self.statistics(layer).items()
+        }
+        if metrics:
+            pl_module.log_dict(metrics, rank_zero_only=True)

@@ -20,12 +20,13 @@ import torch
 
 from altup_cli.config import Settings, growth_events
 from altup_cli.models.config import ModelConfig
-from altup_cli.models.registry import ffn_kind
+from altup_cli.models.registry import ffn_kind, stream_variant
 from altup_cli.training.callbacks import (
     AlignLogStepOnResume,
     DivergenceGuard,
     ExpertUsageLogger,
     LineProgress,
+    StreamStatsLogger,
     TrainingStats,
     ValidateAtEnd,
 )
@@ -137,6 +138,9 @@ def lm_callbacks(
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if ffn_kind(s.ffn.kind).logs_expert_usage:
         callbacks.append(ExpertUsageLogger(t.log_every_n_steps))
+    statistics = stream_variant(model_cfg.altup.mode).statistics
+    if statistics is not None:
+        callbacks.append(StreamStatsLogger(t.log_every_n_steps, statistics))
     if s.growth.pending():
         callbacks.append(GrowthSchedule(growth_events(s, model_cfg), s.run.seed))
     if t.eval.every:
