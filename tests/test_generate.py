@@ -53,6 +53,9 @@ KINDS = {
     "stride_skip s=3 fixed middle": {
         "altup": AltUpConfig(mode="stride_skip", stride=3, sequence_layers="middle")
     },
+    "hc K=3": {"altup": AltUpConfig(mode="hc", K=3)},
+    "hc K=2 dynamic concat": {"altup": AltUpConfig(mode="hc", K=2, dynamic=True, readout="concat")},
+    "mhc K=4 dynamic": {"altup": AltUpConfig(mode="mhc", K=4, dynamic=True, sinkhorn_iters=5)},
     "peer middle": {"ffn": FFNConfig(kind="peer", layers="middle", **_PEER)},
     "pkm all": {"ffn": FFNConfig(kind="pkm", shared_keys=False, **_PEER)},
     "moe token choice": {"ffn": FFNConfig(kind="moe", num_experts=4, topk=2)},
