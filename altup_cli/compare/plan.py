@@ -14,6 +14,7 @@ import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from altup_cli.config import Settings, compose_config, validate
@@ -144,3 +145,30 @@ def plan_runs(
         except UserError as err:
             raise UserError(f"variant {label!r}: {err}") from None
     return runs
+
+
+def fixed_seeds(vary: str, base: Settings) -> dict[str, Any]:
+    """What the seeds do, and the seed that stays fixed: part of the shared config."""
+    data = base.run.data_seed if base.run.data_seed is not None else base.run.seed
+    return {
+        "compare.vary": vary,
+        "compare.init_seed": base.run.seed if vary == "data" else None,
+        "compare.data_seed": data if vary == "init" else None,
+    }
+
+
+@dataclass
+class Comparison:
+    """A planned comparison: its runs, directory and the settings a re-run must keep."""
+
+    base: Settings  # the shared config, validated
+    recipe: str | None
+    overrides: list[str]
+    vary: str
+    runs: list[CompareRun]
+    directory: Path
+    config: dict[str, Any]  # what plan.json records and a re-run must match
+
+    @property
+    def results(self) -> Path:
+        return self.directory / "results.csv"
