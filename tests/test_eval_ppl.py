@@ -158,11 +158,12 @@ def test_several_corpora_one_table_line_documents_a_saved_dataset_and_wandb(
 ) -> None:
     datasets = pytest.importorskip("datasets")
     saved = tmp_path / "saved"
-    datasets.Dataset.from_dict({"text": make_prose(4, seed=5) + [""]}).save_to_disk(str(saved))
+    datasets.Dataset.from_dict({"text": [*make_prose(4, seed=5), ""]}).save_to_disk(str(saved))
     out = tmp_path / "o"
     result = altup("eval", "ppl", str(pretrained), "--data", f"text:{texts / 'lines.txt'}",
                    "--format", "line", "--data", f"hf:{saved}", "--data",
-                   f"text:{texts / 'doc.txt'}", "--max-tokens", "40", "--out", str(out))  # fmt: skip
+                   f"text:{texts / 'doc.txt'}", "--max-tokens", "40",
+                   "--out", str(out))  # fmt: skip
     assert result.code == 0, result.stderr
     report = json.loads((out / "ppl.json").read_text())
     lines, saved_entry, doc = report["tasks"].values()
