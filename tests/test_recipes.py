@@ -25,7 +25,10 @@ from tests.test_train import _run_dir
 
 # What a CPU test machine cannot have (the hub, GPUs, big vocabularies): replaced, per
 # recipe, on top of tiny_overrides (tiny dims, data=text on the test corpus, 2 steps).
-OFFLINE = {"base-fineweb": ["tokenizer=bpe", "trainer=default"]}
+OFFLINE = {
+    "base-fineweb": ["tokenizer=bpe", "trainer=default"],
+    "peer-table1": ["tokenizer=bpe", "trainer=default"],
+}
 COMPARED = {"altup-vs-dense"}  # run by `altup compare` with its default AltUp trio
 SUBPROCESS = {"ddp-cpu-smoke"}  # DDP launches its ranks by re-running the command
 KEPT = ("altup", "ffn")  # config groups whose every value must survive the shrinking
