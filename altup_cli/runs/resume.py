@@ -17,7 +17,8 @@ RESUMABLE = (
     "optim.", "trainer.max_steps", "trainer.val_check_interval", "trainer.limit_val_batches",
     "trainer.log_every_n_steps", "trainer.divergence_patience", "trainer.accelerator",
     "trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.precision", "logger.",
-    "run.compile", "run.cache_dir", "run.output_dir", "data.num_workers", "growth.", "trainer.eval.",
+    "run.compile", "run.cache_dir", "run.output_dir", "data.num_workers", "growth.",
+    "trainer.eval.",
 )  # fmt: skip
 
 
