@@ -229,6 +229,7 @@ register_stream_variant(
         parameters=_parameters, flops=_flops, layouts=_LAYOUTS, grow_layers=_grow_layers,
         growth_refusals=_REFUSALS, options=frozenset({"coef_clip"}), statistics=statistics,
         sweep={"gemma3n": ("ffn=dense", "altup=gemma3n")},
-        examples={"gemma3n K=4": {"altup": {"mode": "gemma3n", "K": 4}}},
     )
 )  # fmt: skip
+# No growth example (the growth benchmark's rows, each grown by layers=+1@0 too): layers
+# cannot insert before layer 0 while the stream projections sit there.
