@@ -9,6 +9,7 @@ import typer
 
 from altup_cli.commands import bench as bench_cmd
 from altup_cli.commands import eval as eval_cmd
+from altup_cli.commands import eval_lm as eval_lm_cmd
 from altup_cli.commands import eval_text as eval_text_cmd
 from altup_cli.commands import grow as grow_cmd
 from altup_cli.commands import recipes as recipes_cmd
@@ -222,6 +223,30 @@ def eval_glue(
 ) -> None:
     """Fine-tune and score a checkpoint on GLUE."""
     eval_cmd.eval_glue(checkpoint, tasks, data_dir, list(overrides or []), out)
+
+
+@eval_app.command("lm", help=eval_lm_cmd.HELP_LM)
+def eval_lm(
+    checkpoint: str = typer.Argument(
+        ..., help="A run directory, export directory or .ckpt written by altup."
+    ),
+    overrides: list[str] = typer.Argument(None, help="Settings, e.g. eval.logger.kind=none."),
+    tasks: str = typer.Option(
+        ..., help="Comma-separated lm-eval task names, e.g. arc_easy,hellaswag,copa."
+    ),
+    limit: int | None = typer.Option(None, help="Score the first N examples of each task."),
+    num_fewshot: int | None = typer.Option(
+        None, "--num-fewshot", help="Examples in each prompt (default: the task's own, 0)."
+    ),
+    batch_size: int = typer.Option(8, "--batch-size", help="Requests per forward pass."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, mps."),
+    out: str | None = typer.Option(
+        None, "--out", "-o", help="Result directory (default OUTPUT_DIR/lm/TIME_RUN); must be new."
+    ),
+) -> None:
+    """Zero-shot benchmarks through lm-evaluation-harness."""
+    eval_lm_cmd.eval_lm(checkpoint, tasks, limit, num_fewshot, batch_size, device,
+                        list(overrides or []), out)  # fmt: skip
 
 
 @eval_app.command("ppl", help=eval_text_cmd.HELP_PPL)
