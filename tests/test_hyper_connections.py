@@ -23,7 +23,12 @@ from altup_cli.models import AltUpConfig, ModelConfig, TransformerLM, parameter_
 from altup_cli.models import mhc as mhc_module
 from altup_cli.models.counting import forward_flops_per_token, training_flops_per_token
 from altup_cli.models.hyper_connections import Connection, connection_statistics
-from altup_cli.models.mhc import ManifoldConnection, sinkhorn, sinkhorn_flops
+from altup_cli.models.mhc import (
+    ManifoldConnection,
+    sinkhorn,
+    sinkhorn_flops,
+    sinkhorn_flops_per_token,
+)
 from altup_cli.models.registry import stream_variant
 from altup_cli.training.optim import param_groups
 from tests.helpers.flops import count_flops
@@ -310,8 +315,7 @@ def test_parameters_and_flops_are_counted(counted_sinkhorn, altup: dict, T: int)
     assert parameter_counts(cfg)["total"] == m.num_parameters()
     ids = IDS[:, :T]
     a = cfg.altup
-    per_token = sinkhorn_flops(a.K, a.sinkhorn_iters) if a.mode == "mhc" and a.dynamic else 0
-    sinkhorn_total = 2 * cfg.n_layers * per_token * ids.numel()
+    sinkhorn_total = sinkhorn_flops_per_token(cfg) * ids.numel()
     with torch.no_grad():
         counter = count_flops(lambda: m(ids))
     counted_forward = counted_sinkhorn.count

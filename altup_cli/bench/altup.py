@@ -1,5 +1,7 @@
 """`altup bench --suite altup`: step time and peak memory of the residual-stream variants
-as ratios to the baseline, with the analytic FLOPs ratio beside them.
+as ratios to the baseline, with the analytic FLOPs ratio beside them: AltUp's (issue 3) and
+the widened-stream family's (Hyper-Connections ×4 static and dynamic, mHC ×4), whose
+stream is n× the activation memory traffic between sub-layers.
 
 Step times are the median of interleaved single steps (the order rotating every step), on
 the bare loop of the lightning suite; peak memory is measured one model at a time.
@@ -25,7 +27,8 @@ if TYPE_CHECKING:
 
 def altup_variants(preset: str, seq_len: int) -> dict[str, ModelConfig]:
     """The comparison of issue 3: baseline (width d), AltUp K=2, Recycled K=2,
-    Sequence-AltUp stride 2, and the dense model of width 2d that AltUp avoids."""
+    Sequence-AltUp stride 2, the dense model of width 2d that AltUp avoids; and
+    Hyper-Connections ×4 (static, dynamic) and mHC ×4 (dynamic, 20 Sinkhorn iterations)."""
     base = preset_config(preset, seq_len=seq_len)
     return {
         "baseline": base,
@@ -39,6 +42,9 @@ def altup_variants(preset: str, seq_len: int) -> dict[str, ModelConfig]:
             head_dim=2 * base.head_dim,
             v_head_dim=2 * base.v_head_dim,
         ),
+        "hc4": replace(base, altup=AltUpConfig(mode="hc", K=4)),
+        "hc4_dynamic": replace(base, altup=AltUpConfig(mode="hc", K=4, dynamic=True)),
+        "mhc4": replace(base, altup=AltUpConfig(mode="mhc", K=4, dynamic=True)),
     }
 
 

@@ -46,6 +46,15 @@ def sinkhorn_flops(n: int, iters: int) -> int:
     return 2 * iters * (n * (n - 1) + n * n)
 
 
+def sinkhorn_flops_per_token(cfg: ModelConfig) -> float:
+    """The part of the model's forward FLOPs per token that is Sinkhorn's normalisations
+    (counted like product-key retrieval's sums: FlopCounterMode does not see them)."""
+    a = cfg.altup
+    if a.mode != "mhc" or not a.dynamic:
+        return 0.0
+    return float(2 * cfg.n_layers * sinkhorn_flops(a.K, a.sinkhorn_iters))
+
+
 class ManifoldConnection(Connection):
     def __init__(
         self, n: int, d_model: int, eps: float, read: int, dynamic: bool, iters: int
