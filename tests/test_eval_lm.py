@@ -32,7 +32,7 @@ from altup_cli.errors import UserError
 from altup_cli.evaluation import lm_data
 from altup_cli.evaluation.lm_harness import evaluate_tasks
 from altup_cli.evaluation.lm_model import AltupLM
-from altup_cli.models import FFNConfig, ModelConfig, TransformerLM
+from altup_cli.models import AltUpConfig, FFNConfig, ModelConfig, TransformerLM
 from altup_cli.runs.export import save_export
 from tests.helpers.prose import make_prose
 
@@ -112,6 +112,28 @@ def test_loglikelihood_equals_the_logits_by_hand(tokenizer, fixture_requests) ->
     for request, (logprob, greedy) in zip(requests, got, strict=True):
         assert logprob == pytest.approx(by_hand(model, tokenizer, *request.args), abs=1e-5)
         assert isinstance(greedy, bool)
+
+
+KINDS = {
+    "altup K=2": {"altup": AltUpConfig(mode="altup", K=2)},
+    "recycled K=2": {"altup": AltUpConfig(mode="recycled", K=2, readout="first")},
+    "sequence s=2": {"altup": AltUpConfig(mode="sequence", stride=2)},
+    "peer": {
+        "ffn": FFNConfig(kind="peer", layers="middle", num_experts=64, heads=2, topk=4, d_key=8)
+    },
+    "pkm": {"ffn": FFNConfig(kind="pkm", num_experts=64, heads=2, topk=4, d_key=8)},
+    "moe token choice": {"ffn": FFNConfig(kind="moe", num_experts=4, topk=2)},
+}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_every_kind_scores_as_its_plain_forward(kind, tokenizer, fixture_requests) -> None:
+    """Right-padded batches under the token mask score as one unpadded forward does."""
+    model = tiny(tokenizer, **KINDS[kind])
+    requests = fixture_requests[::9]
+    got = AltupLM(model, tokenizer, batch_size=4).loglikelihood(requests)
+    for request, (logprob, _) in zip(requests, got, strict=True):
+        assert logprob == pytest.approx(by_hand(model, tokenizer, *request.args), abs=1e-5)
 
 
 def test_batching_and_order_change_no_value(tokenizer, fixture_requests) -> None:
