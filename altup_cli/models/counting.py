@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+from altup_cli.models import laurel
 from altup_cli.models.config import ModelConfig
 from altup_cli.models.registry import FFNKind, layer_kinds, stream_variant
 
@@ -32,7 +33,7 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
     ffn = _per_layer(cfg, lambda kind: kind.parameters(cfg), {"mlp": 0, "experts": 0})
     counts = {
         "embedding": cfg.vocab_size * d * variant.embed_width(cfg.altup),
-        "attention": cfg.n_layers * attention,
+        "attention": cfg.n_layers * attention + laurel.parameters(cfg),  # LAuReL: its branch
         **ffn,
         "norms": (2 * cfg.n_layers + 1) * d,
         "altup": variant.parameters(cfg),
@@ -93,7 +94,8 @@ def forward_flops_per_token(
     ffn = _per_layer(cfg, lambda kind: kind.flops(cfg), start, processed)
     flops = {
         "embedding": 0.0,
-        "attention": float(sum(attention(n) * p for n, p in zip(spans, processed, strict=True))),
+        "attention": float(sum(attention(n) * p for n, p in zip(spans, processed, strict=True)))
+        + laurel.flops(cfg, processed),  # LAuReL sits in the attention branch
         **{k: float(v) for k, v in ffn.items()},
         "altup": variant.flops(cfg, seq_len),
         "lm_head": float(2 * d * cfg.vocab_size),
