@@ -43,6 +43,7 @@ def train(overrides: list[str], recipe: str | None, dry_run: bool, resume: str |
         target = run_dir_of(ckpt) if ckpt is not None else planned_run_dir(request.settings)
         print(f"# run directory: {target}")
         return
+    from altup_cli.evaluation.during_training import during_training_callbacks
     from altup_cli.training.run import train as run_training
 
-    run_training(request, argv=sys.argv)
+    run_training(request, argv=sys.argv, callbacks=during_training_callbacks(request.settings))

@@ -4,8 +4,10 @@ the listed corpora and the listed lm-evaluation-harness tasks, logged to the run
 at that step (beside the training curves) and merged into that step's point of the
 validation curve (`metrics.json`, checkpoints). Rank 0 evaluates; the other ranks wait.
 
-The scoring itself is the evaluation package's (imported when first needed, as the
-commands are): `evaluation.perplexity` for the corpora, `evaluation.lm_harness` for tasks.
+The scoring is this package's (imported when first needed): `perplexity` for the corpora,
+`lm_harness` for tasks. Training does not import this module: the commands that train
+(`altup train`, a sweep's or comparison's points) hand `during_training_callbacks(settings)`
+to `training.run.train`, so training stays below evaluation.
 """
 
 from __future__ import annotations
@@ -103,3 +105,8 @@ def _on(options: Any, device: str) -> Any:
     from dataclasses import replace
 
     return replace(options, device=device)
+
+
+def during_training_callbacks(settings: Settings) -> list[L.Callback]:
+    """What `training.run.train` adds for `trainer.eval` (nothing while `every` is 0)."""
+    return [DuringTrainingEval(settings)] if settings.trainer.eval.every else []

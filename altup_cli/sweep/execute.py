@@ -52,6 +52,7 @@ def train_point(
 ) -> dict[str, Any]:
     """Train one run to completion in `run_dir` (continuing its checkpoint if any) in this
     process; returns its metrics.json."""
+    from altup_cli.evaluation.during_training import during_training_callbacks
     from altup_cli.runs.request import plan_run
     from altup_cli.runs.rundir import read_meta
     from altup_cli.training.run import train
@@ -62,7 +63,8 @@ def train_point(
         return json.loads(metrics.read_text())  # finished before its row was written
     ckpt = directory / "checkpoints" / "last.ckpt"
     request = plan_run(overrides, recipe, ckpt if ckpt.is_file() else None)
-    train(request, argv=[command, *overrides], run_dir=directory)
+    callbacks = during_training_callbacks(request.settings)
+    train(request, argv=[command, *overrides], run_dir=directory, callbacks=callbacks)
     return json.loads(metrics.read_text())
 
 

@@ -13,6 +13,7 @@ import os
 import secrets
 import sys
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -80,11 +81,15 @@ def _setup_logging(run_dir: Path | None, rank: int) -> None:
 
 
 def train(
-    request: RunRequest, argv: list[str] | None = None, run_dir: Path | None = None
+    request: RunRequest,
+    argv: list[str] | None = None,
+    run_dir: Path | None = None,
+    callbacks: Sequence[L.Callback] = (),
 ) -> Path:
     """Prepare data, train, export; returns the run directory (`run_dir` when the caller
     chose it, as a sweep does for its points). Everything that can be checked is checked
-    before the run directory is created or touched."""
+    before the run directory is created or touched. `callbacks` join the run's own (the
+    commands pass in-training evaluation's)."""
     cfg, s, overrides, resume_ckpt = (
         request.cfg, request.settings, request.overrides, request.checkpoint,
     )  # fmt: skip
@@ -130,7 +135,7 @@ def train(
         write_run_files(run_dir, cfg, overrides, s, argv or sys.argv)
     _setup_logging(run_dir, rank)
     try:
-        metrics = _fit(cfg, s, run_dir, data, datamodule, model_cfg, resume_ckpt, rank)
+        metrics = _fit(cfg, s, run_dir, data, datamodule, model_cfg, resume_ckpt, rank, callbacks)
     except Diverged as err:
         if rank == 0:
             set_status(run_dir, "diverged", error=str(err), **err.record())
@@ -167,13 +172,14 @@ def _fit(
     model_cfg: ModelConfig,
     resume_ckpt: Path | None,
     rank: int,
+    callbacks: Sequence[L.Callback],
 ) -> dict[str, Any]:
     composed = OmegaConf.to_container(cfg, resolve=True)
     module = LanguageModelModule(s, model_cfg, composed)  # type: ignore[arg-type]
     stats = TrainingStats(s.data.seq_len * s.data.batch_size)
     wandb_id = _wandb_id(s, run_dir, resume_ckpt is not None, rank)
     logger = make_logger(s.logger, run_dir, run_dir.name, wandb_id=wandb_id)
-    trainer = build_trainer(s, run_dir, stats, model_cfg, logger)
+    trainer = build_trainer(s, run_dir, stats, model_cfg, logger, callbacks)
     if not datamodule.val_indices:
         trainer.limit_val_batches = 0
     counts = parameter_counts(model_cfg)  # at the start (growth may enlarge the model)

@@ -143,22 +143,24 @@ def lm_callbacks(
         callbacks.append(StreamStatsLogger(t.log_every_n_steps, statistics))
     if s.growth.pending():
         callbacks.append(GrowthSchedule(growth_events(s, model_cfg), s.run.seed))
-    if t.eval.every:
-        from altup_cli.training.eval_callback import DuringTrainingEval
-
-        callbacks.append(DuringTrainingEval(s))
     return callbacks
 
 
 def build_trainer(
-    s: Settings, run_dir: Path, stats: TrainingStats, model_cfg: ModelConfig, logger: Any
+    s: Settings,
+    run_dir: Path,
+    stats: TrainingStats,
+    model_cfg: ModelConfig,
+    logger: Any,
+    extra: Sequence[L.Callback] = (),
 ) -> L.Trainer:
-    """The Trainer of a language-model run."""
+    """The Trainer of a language-model run; `extra`: the caller's callbacks (in-training
+    evaluation), after the run's own."""
     t = s.trainer
     return make_trainer(
         t.accelerator,
         t.precision,
-        callbacks=lm_callbacks(s, run_dir, stats, model_cfg, bool(logger)),
+        callbacks=[*lm_callbacks(s, run_dir, stats, model_cfg, bool(logger)), *extra],
         line_progress=LineProgress(t.log_every_n_steps, stats),
         logger=logger,
         default_root_dir=str(run_dir),
