@@ -435,3 +435,15 @@ def test_bad_input_is_one_line_and_exit_2(
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert lines == [f"error: {message}"], result.stderr
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("variant", ["hc dynamic", "mhc"])
+def test_export_and_state_dict_round_trip(variant: str, tmp_path: Path) -> None:
+    import altup_cli
+
+    m = randomised(VARIANTS[variant], torch.float32)
+    altup_cli.save_export(m, tmp_path / "export")
+    loaded, cfg = altup_cli.load(tmp_path / "export")
+    assert cfg.altup == m.config.altup
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS), m(IDS))
