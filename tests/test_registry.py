@@ -51,7 +51,9 @@ LAYERS = ["layers=+2@1", "layers=+1@0", "layers=+1"]
 
 def test_the_registries_hold_the_kinds_and_variants_in_message_order() -> None:
     assert list(FFN_KINDS) == ["dense", "peer", "pkm", "moe"]
-    assert list(STREAM_VARIANTS) == ["off", "altup", "recycled", "sequence", "stride_skip"]
+    assert list(STREAM_VARIANTS) == [
+        "off", "altup", "recycled", "sequence", "stride_skip", "hc", "mhc", "gemma3n",
+    ]  # fmt: skip
     assert set(FFN) == set(FFN_KINDS)  # a new kind is added to this test's table too
 
 
@@ -61,7 +63,8 @@ def test_the_registries_hold_the_kinds_and_variants_in_message_order() -> None:
         (lambda: FFNConfig(kind="glu"), "ffn.kind must be one of dense, peer, pkm, moe, got 'glu'"),
         (lambda: ffn_kind("glu"), "ffn.kind must be one of"),
         (lambda: AltUpConfig(mode="hyper"), "altup.mode must be one of off, altup, recycled, "
-                                            "sequence, stride_skip, got 'hyper'"),
+                                            "sequence, stride_skip, hc, mhc, gemma3n, "
+                                            "got 'hyper'"),
         (lambda: stream_variant("hyper"), "altup.mode must be one of"),
         (lambda: ModelConfig.from_dict({"ffn": {"kind": "glu"}}), "ffn.kind must be one of"),
         (lambda: ModelConfig.from_dict({"ffn": "glu"}), "ffn.kind must be one of"),
@@ -126,10 +129,14 @@ def test_sweep_archs_and_growth_examples_are_the_registered_ones() -> None:
         "peer": ["ffn=peer", "altup=off"],
         "altup_k2": ["ffn=dense", "altup=k2"],
         "recycled_k2": ["ffn=dense", "altup=recycled_k2"],
+        "hc4": ["ffn=dense", "altup=hc4"],
+        "hc4_dynamic": ["ffn=dense", "altup=hc4_dynamic"],
+        "mhc4": ["ffn=dense", "altup=mhc4"],
+        "gemma3n": ["ffn=dense", "altup=gemma3n"],
     }
     assert list(growth_examples()) == [
         "dense", "altup K=2", "altup K=3", "recycled K=2", "sequence s=2",
-        "peer 64²", "pkm 64²", "moe 4×top-2",
+        "hc ×4", "hc ×4 dynamic", "peer 64²", "pkm 64²", "moe 4×top-2",
     ]  # fmt: skip
 
 

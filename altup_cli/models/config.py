@@ -10,8 +10,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from altup_cli.models.registry import FALLBACK_KIND, ffn_kind, stream_variant
-
+FALLBACK_KIND = "dense"  # the MLP of the layers outside `ffn.layers` (as ffn.kind: everywhere)
+# The registries' tables, filled by each kind's module (entries: `registry.FFNKind` and
+# `registry.StreamVariant`, whose types need this module: hence they are kept here untyped)
+FFN_KINDS: dict[str, Any] = {}
+STREAM_VARIANTS: dict[str, Any] = {}
 LAYER_CHOICES = ("all", "middle")
 SCHEDULES = ("alternating", "same")
 LAYER_INPUTS = ("original", "predicted")
@@ -22,6 +25,12 @@ ANCHORS = ("fixed", "rotating")
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
+
+
+def lookup(table: Mapping[str, Any], name: str, key: str) -> Any:
+    """A registry entry by name; an unregistered one is a one-line ValueError."""
+    _check(name in table, f"{key} must be one of {', '.join(table)}, got {name!r}")
+    return table[name]
 
 
 def layer_choice(spec: str | Sequence[int], key: str) -> str | list[int]:
@@ -67,7 +76,7 @@ class FFNConfig:
     table_lr: float | None = None  # lazy-Adam LR of expert/value tables (None: optim.lr)
 
     def __post_init__(self) -> None:
-        kind = ffn_kind(self.kind)
+        kind = lookup(FFN_KINDS, self.kind, "ffn.kind")
         self.layers = layer_choice(self.layers, "ffn.layers")
         _check(self.heads >= 1, f"ffn.heads must be >= 1, got {self.heads}")
         _check(self.topk >= 1, f"ffn.topk must be >= 1, got {self.topk}")
@@ -108,7 +117,7 @@ class AltUpConfig:
     laurel_rank: int = 0  # LAuReL's low-rank residual (any variant); 0: off
 
     def __post_init__(self) -> None:
-        variant = stream_variant(self.mode)
+        variant = lookup(STREAM_VARIANTS, self.mode, "altup.mode")
         for name in FAMILY_OPTIONS:
             _check(
                 getattr(self, name) == _DEFAULTS[name] or name in variant.options,
@@ -146,7 +155,7 @@ class AltUpConfig:
     @property
     def widens(self) -> bool:
         """Whether the stream carries a block axis (K, B, T, d): (Recycled-)AltUp."""
-        return stream_variant(self.mode).widen is not None
+        return lookup(STREAM_VARIANTS, self.mode, "altup.mode").widen is not None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -201,7 +210,7 @@ class ModelConfig:
         if self.norm_eps <= 0 or self.init_std <= 0 or self.rope_theta <= 0:
             raise ValueError("model.norm_eps, model.init_std and model.rope_theta must be positive")
         self.ffn.layer_indices(self.n_layers)  # indices in range
-        stream_variant(self.altup.mode).check(self)
+        lookup(STREAM_VARIANTS, self.altup.mode, "altup.mode").check(self)
 
     @property
     def output_std(self) -> float:

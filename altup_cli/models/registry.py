@@ -18,15 +18,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from altup_cli.models.config import AltUpConfig, FFNConfig, ModelConfig
-
-FALLBACK_KIND = "dense"  # the MLP of the layers outside `ffn.layers` (as ffn.kind: everywhere)
+from altup_cli.models.config import (
+    FALLBACK_KIND,
+    FFN_KINDS,
+    STREAM_VARIANTS,
+    AltUpConfig,
+    FFNConfig,
+    ModelConfig,
+    lookup,
+)
 
 
 def _check(ok: bool, message: str) -> None:
@@ -107,10 +112,6 @@ class StreamVariant:
     examples: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
-FFN_KINDS: dict[str, FFNKind] = {}
-STREAM_VARIANTS: dict[str, StreamVariant] = {}
-
-
 def register_ffn_kind(kind: FFNKind) -> FFNKind:
     FFN_KINDS[kind.name] = kind
     return kind
@@ -122,15 +123,11 @@ def register_stream_variant(variant: StreamVariant) -> StreamVariant:
 
 
 def ffn_kind(name: str) -> FFNKind:
-    known = ", ".join(FFN_KINDS)
-    _check(name in FFN_KINDS, f"ffn.kind must be one of {known}, got {name!r}")
-    return FFN_KINDS[name]
+    return lookup(FFN_KINDS, name, "ffn.kind")
 
 
 def stream_variant(name: str) -> StreamVariant:
-    known = ", ".join(STREAM_VARIANTS)
-    _check(name in STREAM_VARIANTS, f"altup.mode must be one of {known}, got {name!r}")
-    return STREAM_VARIANTS[name]
+    return lookup(STREAM_VARIANTS, name, "altup.mode")
 
 
 def layer_kinds(cfg: ModelConfig) -> list[FFNKind]:
