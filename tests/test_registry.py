@@ -244,3 +244,15 @@ def test_growth_refuses_a_kinds_field_it_does_not_grow(registered) -> None:
     message = r"ffn\.d_key grows PEER/PKM layers; this model has ffn\.kind=gated"
     with pytest.raises(ValueError, match=message):
         grow(model, [parse_op("ffn.d_key=12")])
+
+
+def test_a_refused_field_names_every_variant_s_reason() -> None:
+    """altup.K is refused by several variants, each for its own reason: the message gives
+    them all (and an upper-case field name reaches the refusal, not a parse error)."""
+    with pytest.raises(ValueError) as err:
+        parse_op("altup.K=3")
+    message = str(err.value)
+    assert message.startswith("altup.K cannot grow function-preservingly: ")
+    for name in ("altup", "recycled", "gemma3n"):
+        assert stream_variant(name).growth_refusals["K"] in message
+    assert "altup/recycled: " in message and "\n" not in message

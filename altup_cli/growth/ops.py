@@ -39,14 +39,25 @@ ALIASES = {
 }
 # Options whose growth cannot be exact, and why (spec, "PEER models"): the kinds' and
 # variants' own, and the vocabulary.
+def _refusals(group: str, entries: Any) -> dict[str, str]:
+    """`group.field` → why, each reason prefixed by the kinds it is theirs (fields such as
+    altup.K are refused by several variants for different reasons)."""
+    by_key: dict[str, dict[str, list[str]]] = {}
+    for entry in entries:
+        for f, why in entry.growth_refusals.items():
+            by_key.setdefault(f"{group}.{f}", {}).setdefault(why, []).append(entry.name)
+    return {key: "; ".join(f"{'/'.join(names)}: {why}" for why, names in reasons.items())
+            for key, reasons in by_key.items()}  # fmt: skip
+
+
 NOT_EXACT = {
-    **{f"ffn.{f}": why for k in FFN_KINDS.values() for f, why in k.growth_refusals.items()},
-    **{f"altup.{f}": why for v in STREAM_VARIANTS.values() for f, why in v.growth_refusals.items()},
+    **_refusals("ffn", FFN_KINDS.values()),
+    **_refusals("altup", STREAM_VARIANTS.values()),
     "vocab_size": "new tokens need a new tokenizer",
 }
 # A preset's growable fields, in the order `--to` applies them.
 PRESET_FIELDS = ("d_model", "n_heads", "head_dim", "v_head_dim", "d_ff", "n_layers")
-_OP = re.compile(r"^(?P<key>[a-z_.]+)=(?P<plus>\+)?(?P<value>\d+)(@(?P<at>\d+))?$")
+_OP = re.compile(r"^(?P<key>[A-Za-z_.]+)=(?P<plus>\+)?(?P<value>\d+)(@(?P<at>\d+))?$")
 
 
 @dataclass(frozen=True)
