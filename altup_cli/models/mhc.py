@@ -34,11 +34,36 @@ def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
     """(…, n_source, n_target) logits → a doubly stochastic matrix: exp (shifted by each
     column's max, which the first normalisation cancels), then `iters` rounds of column
     and row normalisation."""
-    m = (logits - logits.amax(-2, keepdim=True).detach()).exp()
-    for _ in range(iters):
-        m = m / m.sum(-2, keepdim=True)
-        m = m / m.sum(-1, keepdim=True)
-    return m
+    return _Sinkhorn.apply(logits, iters)
+
+
+class _Sinkhorn(torch.autograd.Function):
+    """The unrolled iterations with a hand-written backward: y = x / Σx has
+    ∂x = (∂y − Σ ∂y·y) / Σx along the normalised axis, one fused pass per normalisation
+    where autograd's graph takes several small ops (the matrices are n × n: per-op
+    overhead is the cost)."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, iters: int) -> torch.Tensor:
+        m = (logits - logits.amax(-2, keepdim=True)).exp()
+        saved = []
+        for _ in range(iters):
+            for dim in (-2, -1):
+                total = m.sum(dim, keepdim=True)
+                m = m / total
+                saved += [m, total]
+        ctx.save_for_backward(*saved)
+        ctx.iters = iters
+        return m
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        saved = ctx.saved_tensors
+        for k in range(2 * ctx.iters - 1, -1, -1):
+            y, total, dim = saved[2 * k], saved[2 * k + 1], -2 if k % 2 == 0 else -1
+            grad = (grad - (grad * y).sum(dim, keepdim=True)) / total
+        return grad * saved[0] * saved[1], None  # through exp (the shift cancels)
 
 
 def sinkhorn_flops(n: int, iters: int) -> int:
