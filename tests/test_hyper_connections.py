@@ -262,6 +262,7 @@ def test_growth_is_exact_where_offered(variant: str, readout: str) -> None:
         ("mhc", "layers=+1", "layers cannot grow function-preservingly with altup.mode=mhc"),
         ("mhc dynamic", "layers=+1@0", "never the identity"),
         ("mhc", "altup.sinkhorn_iters=30", "altup.sinkhorn_iters cannot grow"),
+        ("hc", "altup.K=4", "hc/mhc: a new stream would start as a copy of the embedding"),
     ],
 )
 def test_growth_refuses_what_is_not_exact(variant: str, op: str, message: str) -> None:

@@ -181,10 +181,15 @@ def _widen(cfg: AltUpConfig, embedded: torch.Tensor, d_model: int) -> torch.Tens
     return _replicate(cfg, embedded, d_model)  # n copies of the embedding
 
 
+STREAMS_REFUSAL = "a new stream would start as a copy of the embedding and add to the read-out"
+
+
 def family_variant(name: str, layer: type[HyperConnectionLayer], **facts: Any) -> StreamVariant:
     """A Hyper-Connections variant: n copies of the embedding, connections around each
     sub-layer, the streams read out as `altup.readout` says (sum)."""
+    refusals = {"K": STREAMS_REFUSAL, **facts.pop("growth_refusals", {})}
     return StreamVariant(
+        growth_refusals=refusals,
         name=name,
         wrap=lambda cfg, block, i: layer(block, cfg, i),
         widen=_widen,
