@@ -42,10 +42,10 @@ def generate(
     encode_rows(model, tokenizer, prompts, max_new_tokens, num_samples)  # refused: nothing printed
     single = len(prompts) == 1 and num_samples == 1
     stream = TextStream(tokenizer) if single else None
-    if stream is not None:
-        print(prompts[0], end="", flush=True)
     rows = len(prompts) * num_samples
     say(f"[dim]{rows} completion(s) of up to {max_new_tokens} tokens on {torch_device}[/dim]")
+    if stream is not None:  # after the header, which would otherwise land after the prompt
+        print(prompts[0], end="", flush=True)
     result = generate_text(
         model, tokenizer, prompts, max_new_tokens, sampling, seed, num_samples,
         compile=compile, on_token=None if stream is None else stream.add,
