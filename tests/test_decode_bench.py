@@ -9,7 +9,10 @@ import torch
 
 from altup_cli.bench import decode
 
-VARIANTS = ["baseline", "altup_k2", "recycled_k2", "sequence_s2", "dense_2d", "peer_middle"]
+VARIANTS = [
+    "baseline", "altup_k2", "recycled_k2", "sequence_s2", "dense_2d", "hc4", "hc4_dynamic",
+    "mhc4", "gemma3n", "peer_middle",
+]  # fmt: skip
 
 
 @pytest.fixture(autouse=True)

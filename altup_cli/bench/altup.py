@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 def altup_variants(preset: str, seq_len: int) -> dict[str, ModelConfig]:
     """The comparison of issue 3: baseline (width d), AltUp K=2, Recycled K=2,
     Sequence-AltUp stride 2, the dense model of width 2d that AltUp avoids; and
-    Hyper-Connections ×4 (static, dynamic) and mHC ×4 (dynamic, 20 Sinkhorn iterations)."""
+    Hyper-Connections ×4 (static, dynamic), mHC ×4 (dynamic, 20 Sinkhorn iterations) and
+    Gemma 3n's AltUp (4 streams, coefficient clip 120)."""
     base = preset_config(preset, seq_len=seq_len)
     return {
         "baseline": base,
@@ -45,6 +46,7 @@ def altup_variants(preset: str, seq_len: int) -> dict[str, ModelConfig]:
         "hc4": replace(base, altup=AltUpConfig(mode="hc", K=4)),
         "hc4_dynamic": replace(base, altup=AltUpConfig(mode="hc", K=4, dynamic=True)),
         "mhc4": replace(base, altup=AltUpConfig(mode="mhc", K=4, dynamic=True)),
+        "gemma3n": replace(base, altup=AltUpConfig(mode="gemma3n", K=4, coef_clip=120.0)),
     }
 
 
