@@ -171,16 +171,21 @@ def load_embedded(name: str, cache_dir: Path) -> Corpus:
     return Corpus(docs, _fingerprint("embedded", name, corpus.archive.sha256), corpus.description)
 
 
+def text_file_paths(pattern: str) -> list[Path]:
+    """The files a `text` source names: the file, every file below a directory, or a
+    glob's files (recursive `**`), sorted; empty when there are none."""
+    path = Path(pattern).expanduser()
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file())
+    if path.is_file():
+        return [path]
+    return sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+
+
 def load_text_files(pattern: str, encoding: str = "utf-8") -> Corpus:
     """A file, a directory (every file below it) or a glob; one document per file."""
     _check_text_encoding(encoding)
-    path = Path(pattern).expanduser()
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file())
-    elif path.is_file():
-        files = [path]
-    else:
-        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+    files = text_file_paths(pattern)
     if not files:
         raise UserError(f"data.path: no text files found at {pattern!r}")
     digest = hashlib.sha256()

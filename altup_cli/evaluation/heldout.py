@@ -17,7 +17,6 @@ sequences it trained on.
 
 from __future__ import annotations
 
-import glob
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from altup_cli.data.corpora import (
     load_embedded,
     load_hf_dataset,
     load_text_files,
+    text_file_paths,
 )
 from altup_cli.errors import UserError, first_line
 
@@ -169,13 +169,7 @@ def heldout_segments(tokens: np.ndarray, seq_len: int, val: list[int]) -> Iterat
 
 def text_files(pattern: str) -> list[Path]:
     """A file, every file below a directory, or a glob's files; refused when none has text."""
-    path = Path(pattern).expanduser()
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file())
-    elif path.is_file():
-        files = [path]
-    else:
-        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+    files = text_file_paths(pattern)
     if not files:
         raise UserError(f"text:{pattern}: no such file, directory or glob")
     if not any(_has_text(f) for f in files):
