@@ -220,3 +220,16 @@ def test_the_settings_types_import_without_hydra() -> None:
         import altup_cli.config as config
 
         _ = config.nope
+
+
+def test_a_gpu_config_s_size_is_checked_at_launch_not_in_validate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A GPU-scale recipe dry-runs on a small CPU machine (its size is checked at launch,
+    against the GPUs there); the same model on the CPU is refused by validate."""
+    monkeypatch.setattr(config_resources, "memory_bytes", lambda: 2**20)  # 1 MiB here
+    validate(compose_config(["trainer.accelerator=gpu"]))
+    with pytest.raises(UserError, match="GiB for weights, gradients and Adam state"):
+        validate(compose_config(["trainer.accelerator=cpu"]))
+    with pytest.raises(UserError, match="GiB for weights, gradients and Adam state"):
+        validate(compose_config([]))  # auto: the CPU here
