@@ -161,45 +161,46 @@ def compiled_rows(
     device: torch.device,
 ) -> list[dict[str, Any]]:
     """Per-token latency of the cached step: eager (the default cache), eager on a static
-    cache, and compiled on a static cache (compiled once, before the timing). Every model's
-    step is the same code object, so dynamo's recompile limit (8 by default) is shared by all
-    of them: raised here so that no model at no batch size falls back to eager."""
-    limit = 4 * len(models) * len(prompts)
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
-    steppers = {name: decoder(model, compile=True) for name, model in models.items()}
+    cache, and compiled on a static cache (compiled before the timing), interleaved within
+    each model. One model at a time, with dynamo reset between them: every model's step is
+    one code object, so compiled together they would share one cache of graphs whose guard
+    checks (and recompile limit) slow the first-compiled models' calls."""
+    rows = []
     for name, model in models.items():
-        console.print(f"[dim]compiling {name}'s decode step[/dim]")
-        static_latency(model, prompts[1], 2, steppers[name], device)
-    calls: dict[tuple[str, int, str], Callable[[int], float]] = {}
-    for name, model in models.items():
-        for b, prompt in prompts.items():
-            calls[(name, b, "eager")] = _call(
-                static_latency, model, prompt, new_tokens, model.decode, device, False
-            )
-            calls[(name, b, "static")] = _call(
-                static_latency, model, prompt, new_tokens, model.decode, device
-            )
-            calls[(name, b, "compiled")] = _call(
-                static_latency, model, prompt, new_tokens, steppers[name], device
-            )
+        rows += _compiled_model_rows(name, model, prompts, new_tokens, repeats, device)
+    return rows
+
+
+def _compiled_model_rows(
+    name: str,
+    model: TransformerLM,
+    prompts: dict[int, torch.Tensor],
+    new_tokens: int,
+    repeats: int,
+    device: torch.device,
+) -> list[dict[str, Any]]:
+    torch._dynamo.reset()
+    console.print(f"[dim]compiling {name}'s decode step[/dim]")
+    stepper = decoder(model, compile=True)
+    for prompt in prompts.values():  # one graph per batch size, compiled untimed
+        static_latency(model, prompt, 2, stepper, device)
+    calls: dict[tuple[int, str], Callable[[int], float]] = {}
+    for b, prompt in prompts.items():
+        calls[(b, "eager")] = _call(
+            static_latency, model, prompt, new_tokens, model.decode, device, False
+        )
+        calls[(b, "static")] = _call(
+            static_latency, model, prompt, new_tokens, model.decode, device
+        )
+        calls[(b, "compiled")] = _call(static_latency, model, prompt, new_tokens, stepper, device)
     results = interleave(calls, repeats, rotate=True)
     rows = []
-    for name in models:
-        for b in prompts:
-            eager, static, compiled = (
-                statistics.median(results[(name, b, kind)])
-                for kind in ("eager", "static", "compiled")
-            )
-            rows.append(
-                {
-                    "variant": name,
-                    "batch": b,
-                    "eager": eager,
-                    "static": static,
-                    "compiled": compiled,
-                    "ratio": compiled / eager,
-                }
-            )
+    for b in prompts:
+        eager, static, compiled = (
+            statistics.median(results[(b, kind)]) for kind in ("eager", "static", "compiled")
+        )
+        rows.append({"variant": name, "batch": b, "eager": eager, "static": static,
+                     "compiled": compiled, "ratio": compiled / eager})  # fmt: skip
     return rows
 
 
