@@ -73,13 +73,12 @@ class Connection(StreamLayer):
         if h is None or not self.dynamic:
             return self.constrain(self.width, self.depth)
         n, d = self.n, h.shape[-1]
-        flat = h.reshape(-1, d)  # (n·tok, d): each stream normed alone
+        flat = fp32(h).reshape(-1, d)  # (n·tok, d): each stream normed alone
         # norm(h)·W = (h·(g ⊙ W)) / rms(h): the RMSNorm folded into one product for both
         # projections (A_m, A_r's n columns and B's one), so the normed n-wide stream is
         # never written out (in a micro-benchmark: −20% of the dynamic connection's time).
-        inv_rms = torch.rsqrt(flat.square().mean(-1, keepdim=True) + self.norm.eps)
         weights = torch.cat([self.width_fn, self.depth_fn[:, None]], dim=1)
-        proj = (flat @ (weights * fp32(self.norm.weight)[:, None])) * inv_rms
+        proj = (flat @ (weights * fp32(self.norm.weight)[:, None])) * self.norm.inverse_rms(flat)
         proj = proj.view(n, -1, n + 2).transpose(0, 1)  # (tok, n, n+2)
         wc, dc = self.dynamic_part(proj[..., : n + 1], proj[..., n + 1])
         return self.constrain(self.width + wc, self.depth + dc)

@@ -40,10 +40,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+    def inverse_rms(self, x32: torch.Tensor) -> torch.Tensor:
+        """1 / rms(x) over the last dim (with eps), kept for broadcasting."""
+        return torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = fp32(x)
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * fp32(self.weight)).type_as(x)
+        return (x32 * self.inverse_rms(x32) * fp32(self.weight)).type_as(x)
 
 
 class Rotary(nn.Module):
