@@ -138,6 +138,40 @@ def test_predict_correct_match_the_equations(mode, K, schedule, layer_input, rea
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=0, atol=1e-12, msg=name)
 
 
+def test_the_no_grad_path_follows_every_change_of_the_scalars() -> None:
+    """Without autograd the layer applies a folded copy of its mixing (`AltUpLayer.folded`);
+    after each way the scalars or the schedule change — an in-place write, an optimizer
+    step, load_state_dict, set_active_block, a cast — it equals the autograd path again."""
+    m, other = model("altup", K=3).double(), model("altup", K=3, seed=1).double()
+    randomise_scalars(other)
+
+    def check(change: str, atol: float = 1e-12) -> None:
+        with torch.no_grad():
+            folded = m(IDS)
+        assert not torch.allclose(folded, before[-1]), f"{change} changed nothing"
+        torch.testing.assert_close(folded, m(IDS).detach(), rtol=0, atol=atol, msg=change)
+        before.append(folded)
+
+    with torch.no_grad():
+        before = [m(IDS)]
+    randomise_scalars(m)
+    check("in-place copy_")
+    optimizer = torch.optim.SGD(m.parameters(), lr=0.5)
+    m(IDS).square().mean().backward()
+    optimizer.step()
+    check("optimizer step")
+    m.load_state_dict(other.state_dict())
+    check("load_state_dict")
+    for layer in m.blocks:
+        layer.set_active_block((layer._active + 1) % 3)
+    check("set_active_block")
+    m.float()
+    with torch.no_grad():
+        m.blocks[0].corrector.data = m.blocks[0].corrector.data * 2  # new storage, version 0
+    before[-1] = before[-1].float()
+    check("cast, then a new tensor as .data", atol=1e-5)
+
+
 def test_gradients_reach_every_block_and_scalar() -> None:
     m = model("altup", K=3).train()
     randomise_scalars(m)

@@ -12,6 +12,7 @@ embedding K times. The scalars and the mixing stay fp32 under any cast or autoca
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -41,6 +42,7 @@ class AltUpLayer(StreamLayer):
         # can insert layers; `_active` mirrors it as a Python int for cheap indexing.
         self.register_buffer("active_block", torch.tensor([active_block]), persistent=True)
         self._active = active_block
+        self._folded: tuple[tuple[int, ...], Any, tuple[torch.Tensor, ...]] | None = None
         self.register_load_state_dict_post_hook(lambda module, _: module.sync_schedule())
 
     def sync_schedule(self) -> None:
@@ -62,9 +64,11 @@ class AltUpLayer(StreamLayer):
     ) -> torch.Tensor:
         """Every step is per token but the layer's, whose attention reads the `cache` (of
         its activated block's keys and values) when decoding."""
+        if not (torch.is_grad_enabled() or torch.compiler.is_compiling()):
+            return self._inference(x, cos, sin, cache)
         # AltUp's algebra runs in fp32 whatever the autocast: the innovation ỹ − x̂^{j*} is
         # small next to the stream and would lose its bits in bf16 (spec, Numerics).
-        fused = torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        fused = not torch.compiler.is_compiling()
         slot = _GradSlot() if fused and self.layer_input == "original" else None
         if slot is not None:
             layer_in = _TakeBlock.apply(x, self._active, slot)
@@ -80,6 +84,45 @@ class AltUpLayer(StreamLayer):
             if fused:
                 return _Mix.apply(x, layer_out, self.mixing(), slot).type_as(x)
             return mix_reference(x, layer_out, self.mixing()).type_as(x)
+
+    def _inference(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None
+    ) -> torch.Tensor:
+        """The same function without autograd (decoding, evaluation), in fewer small ops —
+        at batch 1 a decode step's time is mostly per-op overhead: M is folded once per
+        parameter version and applied as M[:, :K]·x + M[:, K] ⊗ ỹ, without concatenating."""
+        streams, new, predict = self.folded()
+        device = x.device.type
+        autocast = torch.is_autocast_enabled(device)
+        fp32_region = torch.autocast(device, enabled=False) if autocast else _NO_CONTEXT
+        with fp32_region:
+            flat = fp32(x).reshape(self.K, -1)
+            if self.layer_input == "original":
+                layer_in = x[self._active]
+            else:
+                layer_in = (predict @ flat).view(x.shape[1:]).type_as(x)
+        layer_out = self.layer(layer_in, cos, sin, *(() if cache is None else (cache,)))
+        with fp32_region:
+            out = torch.mm(streams, flat).addr_(new, fp32(layer_out).reshape(-1))
+        return out.view(x.shape).type_as(x)
+
+    def folded(self) -> tuple[torch.Tensor, ...]:
+        """M[:, :K], M[:, K] and P[j*], computed again whenever P, g or j* has changed: an
+        in-place update (optimizer step, load_state_dict) bumps a tensor's version, a move
+        or cast gives it new storage, and the cache holds the storage it was computed from
+        so that address cannot be reused by another tensor."""
+        P, g = self.predictor, self.corrector
+        key = (self._active, P.data_ptr(), g.data_ptr(), P._version, g._version)
+        if self._folded is None or self._folded[0] != key:
+            with torch.no_grad():
+                M = self.mixing()
+                value = (M[:, : self.K], M[:, self.K], P[self._active])
+                value = tuple(t.contiguous().clone() for t in value)
+            self._folded = (key, (P.detach(), g.detach()), value)
+        return self._folded[2]
+
+
+_NO_CONTEXT = contextlib.nullcontext()
 
 
 def mix_reference(x: torch.Tensor, layer_out: torch.Tensor, mixing: torch.Tensor) -> torch.Tensor:
