@@ -20,7 +20,7 @@ from torch import nn
 
 from altup_cli.models.config import AltUpConfig, ModelConfig
 from altup_cli.models.registry import Span, StreamVariant, register_stream_variant
-from altup_cli.models.stream import StreamLayer, fp32, scalar
+from altup_cli.models.stream import GradSlot, StreamLayer, fp32, scalar
 
 if TYPE_CHECKING:
     from altup_cli.models.kv_cache import LayerCache
@@ -69,7 +69,7 @@ class AltUpLayer(StreamLayer):
         # AltUp's algebra runs in fp32 whatever the autocast: the innovation ỹ − x̂^{j*} is
         # small next to the stream and would lose its bits in bf16 (spec, Numerics).
         fused = not torch.compiler.is_compiling()
-        slot = _GradSlot() if fused and self.layer_input == "original" else None
+        slot = GradSlot() if fused and self.layer_input == "original" else None
         if slot is not None:
             layer_in = _TakeBlock.apply(x, self._active, slot)
         elif self.layer_input == "original":
@@ -132,21 +132,13 @@ def mix_reference(x: torch.Tensor, layer_out: torch.Tensor, mixing: torch.Tensor
     return (mixing @ stacked).view(x.shape)
 
 
-class _GradSlot:
-    """Hands the stream's gradient from `_Mix.backward` to `_TakeBlock.backward`, so the
-    activated block's two gradients (through the mixing and through the layer) are summed
-    in place instead of through a zero-filled K-block scatter and a K-block add."""
-
-    grad: torch.Tensor | None = None
-
-
 class _TakeBlock(torch.autograd.Function):
     """x[j*] whose backward adds the layer-input gradient into the slot's stream gradient.
     Its backward always runs after `_Mix.backward`: its output feeds only the layer, whose
     output feeds only the mixing."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, block: int, slot: _GradSlot) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, block: int, slot: GradSlot) -> torch.Tensor:
         ctx.block, ctx.slot, ctx.shape = block, slot, x.shape
         return x[block]
 
@@ -170,7 +162,7 @@ class _Mix(torch.autograd.Function):
         x: torch.Tensor,
         layer_out: torch.Tensor,
         mixing: torch.Tensor,
-        slot: _GradSlot | None,
+        slot: GradSlot | None,
     ) -> torch.Tensor:
         K = x.shape[0]
         flat, y = fp32(x).reshape(K, -1), fp32(layer_out).reshape(-1)

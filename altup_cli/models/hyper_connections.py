@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from altup_cli.models.altup import _readout, _replicate
 from altup_cli.models.config import AltUpConfig, ModelConfig
 from altup_cli.models.registry import Span, StreamVariant, register_stream_variant
-from altup_cli.models.stream import StreamLayer, fp32, scalar
+from altup_cli.models.stream import GradSlot, StreamLayer, fp32, scalar
 from altup_cli.models.transformer import RMSNorm
 
 if TYPE_CHECKING:
@@ -94,7 +94,13 @@ class Connection(StreamLayer):
     def _static(
         self, h: Tensor, h32: Tensor, alpha: Tensor, beta: Tensor, branch: Branch
     ) -> Tensor:
-        mixed = alpha.t() @ h32.reshape(self.n, -1)  # (n+1, N): [h₀; A_rᵀH]
+        flat = h32.reshape(self.n, -1)
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            slot = GradSlot()  # the training path: read and write with hand-written backwards
+            y = branch(_Read.apply(flat, alpha[:, 0], slot).view(h.shape[1:]).type_as(h))
+            out = _Write.apply(flat, alpha[:, 1:], beta, fp32(y).reshape(-1), slot)
+            return out.view(h.shape).type_as(h)
+        mixed = alpha.t() @ flat  # (n+1, N): [h₀; A_rᵀH]
         y = branch(mixed[0].view(h.shape[1:]).type_as(h))
         out = torch.addr(mixed[1:], beta, fp32(y).reshape(-1))  # + B ⊗ T(h₀)
         return out.view(h.shape).type_as(h)
@@ -108,6 +114,47 @@ class Connection(StreamLayer):
         y = branch(mixed[:, 0].view(h.shape[1:]).type_as(h))
         out = torch.baddbmm(mixed[:, 1:], beta[..., None], fp32(y).reshape(-1, 1, d))
         return out.transpose(0, 1).reshape(h.shape).type_as(h)
+
+
+class _Read(torch.autograd.Function):
+    """h₀ = Hᵀ A_m (H flat, (n, N)); its backward adds A_m ⊗ ∂h₀ in place into the stream
+    gradient `_Write.backward` left in the slot. Autograd's graph of the one-product
+    [h₀; A_rᵀH] = αᵀH instead zero-fills and copies an (n+1)-row gradient, the n× stream's
+    memory traffic several times over a step."""
+
+    @staticmethod
+    def forward(ctx: Any, flat: Tensor, read: Tensor, slot: GradSlot) -> Tensor:
+        ctx.save_for_backward(flat, read)
+        ctx.slot = slot
+        return read @ flat
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        flat, read = ctx.saved_tensors
+        stream_grad, ctx.slot.grad = ctx.slot.grad, None
+        if stream_grad is None:
+            stream_grad = torch.zeros_like(flat)
+        return stream_grad.addr_(read, grad), flat @ grad, None
+
+
+class _Write(torch.autograd.Function):
+    """H' = A_rᵀH + B ⊗ y; the stream's gradient A_r·∂H' goes to `_Read` through the slot."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, flat: Tensor, mix: Tensor, write: Tensor, y: Tensor, slot: GradSlot
+    ) -> Tensor:
+        ctx.save_for_backward(flat, mix, write, y)
+        ctx.slot = slot
+        return torch.mm(mix.t(), flat).addr_(write, y)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor, Tensor, Tensor, None]:
+        flat, mix, write, y = ctx.saved_tensors
+        ctx.slot.grad = torch.mm(mix, grad)
+        return None, torch.mm(flat, grad.t()), torch.mv(grad, y), write @ grad, None
 
 
 class HyperConnectionLayer(StreamLayer):

@@ -30,6 +30,17 @@ def scalar(value: torch.Tensor) -> nn.Parameter:
     return param
 
 
+class GradSlot:
+    """Hands the stream's gradient from the autograd Function that writes a layer's output
+    into the stream to the one that read the layer's input from it (AltUp's `_Mix` →
+    `_TakeBlock`, Hyper-Connections' write → read), so the stream's two gradients (through
+    the mixing and through the layer) are summed in place, not in a separate pass. The
+    reader's backward always runs second: its output feeds only the layer, whose output
+    feeds only the writer."""
+
+    grad: torch.Tensor | None = None
+
+
 class StreamLayer(nn.Module):
     """A wrapped layer (`self.layer`) whose own parameters `.to(bf16)`, `.half()` and
     `trainer.precision=bf16-true` leave in fp32: a 2⁻⁷ spacing near 1 would swallow their
