@@ -139,9 +139,10 @@ def test_predict_correct_match_the_equations(mode, K, schedule, layer_input, rea
 
 
 def test_the_no_grad_path_follows_every_change_of_the_scalars() -> None:
-    """Without autograd the layer applies a folded copy of its mixing (`AltUpLayer.folded`);
-    after each way the scalars or the schedule change — an in-place write, an optimizer
-    step, load_state_dict, set_active_block, a cast — it equals the autograd path again."""
+    """Without autograd the layer runs its own arithmetic (`AltUpLayer._inference`); after
+    each way the scalars or the schedule change — an in-place write, an SGD step, the fused
+    AdamW step training uses (which bumps no version counter), load_state_dict,
+    set_active_block, a cast — it equals the autograd path."""
     m, other = model("altup", K=3).double(), model("altup", K=3, seed=1).double()
     randomise_scalars(other)
 
@@ -160,6 +161,10 @@ def test_the_no_grad_path_follows_every_change_of_the_scalars() -> None:
     m(IDS).square().mean().backward()
     optimizer.step()
     check("optimizer step")
+    fused = torch.optim.AdamW(m.parameters(), lr=0.1, fused=True)
+    m(IDS).square().mean().backward()
+    fused.step()
+    check("fused AdamW step")
     m.load_state_dict(other.state_dict())
     check("load_state_dict")
     for layer in m.blocks:
