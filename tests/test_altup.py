@@ -139,7 +139,7 @@ def test_predict_correct_match_the_equations(mode, K, schedule, layer_input, rea
 
 
 def test_the_no_grad_path_follows_every_change_of_the_scalars() -> None:
-    """Without autograd the layer runs its own arithmetic (`AltUpLayer._inference`); after
+    """Without autograd the layer runs its own arithmetic (`AltUpLayer._plain`); after
     each way the scalars or the schedule change — an in-place write, an SGD step, the fused
     AdamW step training uses (which bumps no version counter), load_state_dict,
     set_active_block, a cast — it equals the autograd path."""
@@ -148,10 +148,10 @@ def test_the_no_grad_path_follows_every_change_of_the_scalars() -> None:
 
     def check(change: str, atol: float = 1e-12) -> None:
         with torch.no_grad():
-            folded = m(IDS)
-        assert not torch.allclose(folded, before[-1]), f"{change} changed nothing"
-        torch.testing.assert_close(folded, m(IDS).detach(), rtol=0, atol=atol, msg=change)
-        before.append(folded)
+            no_grad = m(IDS)
+        assert not torch.allclose(no_grad, before[-1]), f"{change} changed nothing"
+        torch.testing.assert_close(no_grad, m(IDS).detach(), rtol=0, atol=atol, msg=change)
+        before.append(no_grad)
 
     with torch.no_grad():
         before = [m(IDS)]

@@ -63,35 +63,30 @@ class AltUpLayer(StreamLayer):
     ) -> torch.Tensor:
         """Every step is per token but the layer's, whose attention reads the `cache` (of
         its activated block's keys and values) when decoding."""
-        if not (torch.is_grad_enabled() or torch.compiler.is_compiling()):
-            return self._inference(x, cos, sin, cache)
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self._plain(x, cos, sin, cache)
         # AltUp's algebra runs in fp32 whatever the autocast: the innovation ỹ − x̂^{j*} is
         # small next to the stream and would lose its bits in bf16 (spec, Numerics).
-        fused = not torch.compiler.is_compiling()
-        slot = GradSlot() if fused and self.layer_input == "original" else None
+        slot = GradSlot() if self.layer_input == "original" else None
         if slot is not None:
             layer_in = _TakeBlock.apply(x, self._active, slot)
-        elif self.layer_input == "original":
-            layer_in = x[self._active]
         else:
             with torch.autocast(x.device.type, enabled=False):
                 flat = fp32(x).reshape(self.K, -1)
                 layer_in = (self.predictor[self._active] @ flat).view(x.shape[1:]).type_as(x)
-        decoding = () if cache is None else (cache,)  # the full forward calls layer(x, cos, sin)
-        layer_out = self.layer(layer_in, cos, sin, *decoding)
+        layer_out = self.layer(layer_in, cos, sin, *(() if cache is None else (cache,)))
         with torch.autocast(x.device.type, enabled=False):
-            if fused:
-                return _Mix.apply(x, layer_out, self.mixing(), slot).type_as(x)
-            return mix_reference(x, layer_out, self.mixing()).type_as(x)
+            return _Mix.apply(x, layer_out, self.mixing(), slot).type_as(x)
 
-    def _inference(
+    def _plain(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None
     ) -> torch.Tensor:
-        """The same function without autograd (decoding, evaluation) in fewer small ops, as
-        at batch 1 a decode step's time is mostly per-op overhead: y = (P − g ⊗ P[j*])·x +
-        g ⊗ ỹ (`mixing()`'s two parts) as one `mm` and one `addr_`, without concatenating.
-        Nothing is cached across calls: the fused AdamW step does not bump the parameters'
-        version counters, so a cache could not tell that P and g have changed."""
+        """The same function as plain tensor ops: without autograd (decoding, evaluation),
+        in few small ops, as at batch 1 a decode step's time is mostly per-op overhead, and
+        under torch.compile, which fuses them: y = (P − g ⊗ P[j*])·x + g ⊗ ỹ (`mixing()`'s
+        two parts) as one `mm` and one `addr_`, without concatenating. Nothing is cached
+        across calls: the fused AdamW step does not bump the parameters' version counters,
+        so a cache could not tell that P and g have changed."""
         P, g = self.predictor, self.corrector
         device = x.device.type
         autocast = torch.is_autocast_enabled(device)
@@ -110,13 +105,6 @@ class AltUpLayer(StreamLayer):
 
 
 _NO_CONTEXT = contextlib.nullcontext()
-
-
-def mix_reference(x: torch.Tensor, layer_out: torch.Tensor, mixing: torch.Tensor) -> torch.Tensor:
-    """y = M · [x¹ … x^K, ỹ] in fp32, as plain tensor ops (what torch.compile fuses)."""
-    K = x.shape[0]
-    stacked = torch.cat([fp32(x).reshape(K, -1), fp32(layer_out).reshape(1, -1)])
-    return (mixing @ stacked).view(x.shape)
 
 
 class _TakeBlock(torch.autograd.Function):
@@ -140,8 +128,9 @@ class _TakeBlock(torch.autograd.Function):
 
 
 class _Mix(torch.autograd.Function):
-    """`mix_reference` with a hand-written backward: [∂x; ∂ỹ] = Mᵀ·∂y in one product, and
-    the stream's gradient passed through the slot when `_TakeBlock` made the layer input."""
+    """y = M · [x¹ … x^K, ỹ] in fp32 with a hand-written backward: [∂x; ∂ỹ] = Mᵀ·∂y in one
+    product, and the stream's gradient passed through the slot when `_TakeBlock` made the
+    layer input."""
 
     @staticmethod
     def forward(
