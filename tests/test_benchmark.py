@@ -19,7 +19,7 @@ from altup_cli.bench.lightning import bare_loop, lightning_loop, preset_config, 
 from altup_cli.bench.peer_layers import HEADS, TOPK
 from altup_cli.errors import UserError
 from altup_cli.models import TransformerLM, training_flops_per_token
-from tests.helpers.flops import count_flops, flop_clock
+from tests.helpers.flops import OUTER_PRODUCTS_AS_MULTIPLY_ADDS, count_flops, flop_clock
 
 HAS_REFERENCE = peer_layers.reference_available()
 needs_reference = pytest.mark.skipif(not HAS_REFERENCE, reason="PEER-pytorch not installed")
@@ -68,7 +68,7 @@ def test_altup_suite_time_ratios_are_the_flop_ratios_it_prints() -> None:
     from altup_cli.bench.altup import altup_variants, run_altup_benchmark
     from altup_cli.models.mhc import sinkhorn_flops_per_token
 
-    with flop_clock(measure):
+    with flop_clock(measure, OUTER_PRODUCTS_AS_MULTIPLY_ADDS):
         rows = run_altup_benchmark(
             "nano", steps=1, warmup=1, batch_size=2, seq_len=16, device_name="cpu"
         )

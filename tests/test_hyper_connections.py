@@ -31,7 +31,7 @@ from altup_cli.models.mhc import (
 )
 from altup_cli.models.registry import stream_variant
 from altup_cli.training.optim import param_groups
-from tests.helpers.flops import count_flops
+from tests.helpers.flops import OUTER_PRODUCTS_AS_MULTIPLY_ADDS, count_flops
 from tests.helpers.prose import tiny_overrides
 from tests.test_generate import cache_error, one_thread, token_ids  # noqa: F401 (autouse)
 
@@ -322,7 +322,7 @@ def test_parameters_and_flops_are_counted(counted_sinkhorn, altup: dict, T: int)
     a = cfg.altup
     sinkhorn_total = sinkhorn_flops_per_token(cfg) * ids.numel()
     with torch.no_grad():
-        counter = count_flops(lambda: m(ids))
+        counter = count_flops(lambda: m(ids), OUTER_PRODUCTS_AS_MULTIPLY_ADDS)
     counted_forward = counted_sinkhorn.count
     expected = forward_flops_per_token(cfg, T)["total"] * ids.numel()
     if a.mode == "mhc" and not a.dynamic:
@@ -330,7 +330,8 @@ def test_parameters_and_flops_are_counted(counted_sinkhorn, altup: dict, T: int)
         assert counted_sinkhorn.count == 2 * cfg.n_layers * sinkhorn_flops(a.K, a.sinkhorn_iters)
     assert counted_forward == sinkhorn_total
     assert counter.get_total_flops() + counted_forward == pytest.approx(expected, rel=1e-12)
-    counter = count_flops(lambda: F.cross_entropy(m(ids).flatten(0, 1), ids.flatten()).backward())
+    loss = lambda: F.cross_entropy(m(ids).flatten(0, 1), ids.flatten())  # noqa: E731
+    counter = count_flops(lambda: loss().backward(), OUTER_PRODUCTS_AS_MULTIPLY_ADDS)
     training = training_flops_per_token(cfg, T)["total"] * ids.numel()
     assert counter.get_total_flops() == pytest.approx(training - 3 * sinkhorn_total, rel=1e-12)
 

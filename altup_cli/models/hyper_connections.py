@@ -67,18 +67,24 @@ class Connection(StreamLayer):
         """HC: tanh of the normed projections, scaled."""
         return wc.tanh() * self.width_scale, dc.tanh() * self.depth_scale
 
-    def connections(self, h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def connections(
+        self, h: Tensor | None = None, slot: GradSlot | None = None
+    ) -> tuple[Tensor, Tensor]:
         """α (n, n+1) and B (n,), or per token (tok, n, n+1) and (tok, n) when dynamic and
-        given the stream h (n, B, T, d)."""
+        given the stream h (n, B, T, d); `slot`: the training path's (see `_Projection`)."""
         if h is None or not self.dynamic:
             return self.constrain(self.width, self.depth)
         n, d = self.n, h.shape[-1]
         flat = fp32(h).reshape(-1, d)  # (n·tok, d): each stream normed alone
         # norm(h)·W = (h·(g ⊙ W)) / rms(h): the RMSNorm folded into one product for both
         # projections (A_m, A_r's n columns and B's one), so the normed n-wide stream is
-        # never written out (in a micro-benchmark: −20% of the dynamic connection's time).
+        # never written out. W is applied as its (n+2, d) transpose, the faster layout.
         weights = torch.cat([self.width_fn, self.depth_fn[:, None]], dim=1)
-        proj = (flat @ (weights * fp32(self.norm.weight)[:, None])) * self.norm.inverse_rms(flat)
+        weights_t = (weights * fp32(self.norm.weight)[:, None]).t().contiguous()
+        if slot is None:
+            proj = (flat @ weights_t.t()) * self.norm.inverse_rms(flat)
+        else:
+            proj = _Projection.apply(flat, weights_t, self.norm.inverse_rms, slot)
         proj = proj.view(n, -1, n + 2).transpose(0, 1)  # (tok, n, n+2)
         wc, dc = self.dynamic_part(proj[..., : n + 1], proj[..., n + 1])
         return self.constrain(self.width + wc, self.depth + dc)
@@ -86,17 +92,21 @@ class Connection(StreamLayer):
     def forward(self, h: torch.Tensor, branch: Branch) -> torch.Tensor:
         with torch.autocast(h.device.type, enabled=False):
             h32 = fp32(h)
-            alpha, beta = self.connections(h32 if self.dynamic else None)
+            training = torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            # The training path: hand-written backwards that sum the stream's gradients
+            # in place, handed on through the slot (write → read → dynamic projection).
+            slot = GradSlot() if training else None
+            alpha, beta = self.connections(h32 if self.dynamic else None, slot)
             if alpha.ndim == 2:
-                return self._static(h, h32, alpha, beta, branch)
-            return self._per_token(h, h32, alpha, beta, branch)
+                return self._static(h, h32, alpha, beta, branch, slot)
+            return self._per_token(h, h32, alpha, beta, branch, slot)
 
     def _static(
-        self, h: Tensor, h32: Tensor, alpha: Tensor, beta: Tensor, branch: Branch
+        self, h: Tensor, h32: Tensor, alpha: Tensor, beta: Tensor, branch: Branch,
+        slot: GradSlot | None,
     ) -> Tensor:
         flat = h32.reshape(self.n, -1)
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            slot = GradSlot()  # the training path: read and write with hand-written backwards
+        if slot is not None:
             y = branch(_Read.apply(flat, alpha[:, 0], slot).view(h.shape[1:]).type_as(h))
             out = _Write.apply(flat, alpha[:, 1:], beta, fp32(y).reshape(-1), slot)
             return out.view(h.shape).type_as(h)
@@ -106,14 +116,122 @@ class Connection(StreamLayer):
         return out.view(h.shape).type_as(h)
 
     def _per_token(
-        self, h: Tensor, h32: Tensor, alpha: Tensor, beta: Tensor, branch: Branch
+        self, h: Tensor, h32: Tensor, alpha: Tensor, beta: Tensor, branch: Branch,
+        slot: GradSlot | None,
     ) -> Tensor:
         n, d = self.n, h.shape[-1]
-        streams = h32.reshape(n, -1, d).transpose(0, 1)  # (tok, n, d)
-        mixed = alpha.transpose(1, 2) @ streams  # (tok, n+1, d)
-        y = branch(mixed[:, 0].view(h.shape[1:]).type_as(h))
-        out = torch.baddbmm(mixed[:, 1:], beta[..., None], fp32(y).reshape(-1, 1, d))
-        return out.transpose(0, 1).reshape(h.shape).type_as(h)
+        flat = h32.reshape(n, -1, d)  # (n, tok, d)
+        if slot is not None:
+            h0 = _TokenRead.apply(flat, alpha[..., 0], slot)
+            y = branch(h0.view(h.shape[1:]).type_as(h))
+            out = _TokenWrite.apply(flat, alpha[..., 1:], beta, fp32(y).reshape(-1, d), slot)
+            return out.view(h.shape).type_as(h)
+        y = branch(token_read(flat, alpha[..., 0]).view(h.shape[1:]).type_as(h))
+        out = token_write(flat, alpha[..., 1:], beta, fp32(y).reshape(-1, d))
+        return out.view(h.shape).type_as(h)
+
+
+def token_read(flat: Tensor, read: Tensor) -> Tensor:
+    """h₀[t] = Σₛ A_m[t, s]·Hₛ[t]: streams (n, tok, d), per-token reads (tok, n) → (tok, d)."""
+    return torch.bmm(read.contiguous().unsqueeze(1), flat.transpose(0, 1)).squeeze(1)
+
+
+def token_write(flat: Tensor, mix: Tensor, write: Tensor, y: Tensor) -> Tensor:
+    """H'ᵤ[t] = Σₛ A_r[t, s, u]·Hₛ[t] + B[t, u]·y[t]: mix (tok, n, n), write (tok, n),
+    y (tok, d) → (n, tok, d)."""
+    out = torch.empty_like(flat)
+    per_target = mix.transpose(1, 2).contiguous()  # (tok, u, s)
+    _rowwise(per_target, flat.transpose(0, 1), out)
+    return out.addcmul_(write.t().unsqueeze(-1), y)  # + B ⊗ y, token by token
+
+
+def _rowwise(coefficients: Tensor, per_token: Tensor, out: Tensor) -> None:
+    """out[i][t] = coefficients[t, i] · per_token[t] for (tok, m, k) coefficients, (tok, k, d)
+    streams and (m, tok, d) out: one (tok, 1, k) × (tok, k, d) product per output stream
+    written in place (a single (tok, m, d) product into a stream-first output runs matrix
+    by matrix, and an einsum copies its result)."""
+    for i in range(out.shape[0]):
+        torch.bmm(coefficients[:, i : i + 1], per_token, out=out[i].unsqueeze(1))
+
+
+class _TokenRead(torch.autograd.Function):
+    """`token_read`; its backward adds A_m[t, s]·∂h₀[t] in place into the stream gradient
+    `_TokenWrite.backward` left in the slot and leaves it there for `_Projection`, which
+    runs last (its output, the connections, feeds both). Autograd's graph of the one
+    product [h₀; H'] = αᵀH zero-filled an (n+1)-row gradient, and its per-token products
+    ran matrix by matrix on transposed views."""
+
+    @staticmethod
+    def forward(ctx: Any, flat: Tensor, read: Tensor, slot: GradSlot) -> Tensor:
+        ctx.save_for_backward(flat, read)
+        ctx.slot = slot
+        return token_read(flat, read)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor, None]:
+        flat, read = ctx.saved_tensors
+        stream_grad = ctx.slot.grad
+        if stream_grad is None:
+            stream_grad = torch.zeros_like(flat)
+        grad_read = torch.bmm(flat.transpose(0, 1), grad.unsqueeze(-1)).squeeze(-1)
+        ctx.slot.grad = stream_grad.addcmul_(read.t().unsqueeze(-1), grad)
+        return None, grad_read, None  # the stream's gradient: `_Projection`'s to return
+
+
+class _TokenWrite(torch.autograd.Function):
+    """`token_write`; the stream's gradient ∂Hₛ[t] = Σᵤ A_r[t, s, u]·∂H'ᵤ[t] goes to
+    `_TokenRead` through the slot."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, flat: Tensor, mix: Tensor, write: Tensor, y: Tensor, slot: GradSlot
+    ) -> Tensor:
+        ctx.save_for_backward(flat, mix, write, y)
+        ctx.slot = slot
+        return token_write(flat, mix, write, y)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor, Tensor, Tensor, None]:
+        flat, mix, write, y = ctx.saved_tensors
+        per_token = grad.contiguous().transpose(0, 1)  # (tok, n, d)
+        ctx.slot.grad = torch.empty_like(flat)
+        _rowwise(mix, per_token, ctx.slot.grad)  # ∂Hₛ = Σᵤ A_r[s, u]·∂H'ᵤ
+        grad_mix = torch.bmm(flat.transpose(0, 1), per_token.transpose(1, 2))
+        grad_write = torch.bmm(per_token, y.unsqueeze(-1)).squeeze(-1)
+        grad_y = torch.bmm(write.contiguous().unsqueeze(1), per_token).squeeze(1)
+        return None, grad_mix, grad_write, grad_y, None
+
+
+class _Projection(torch.autograd.Function):
+    """The dynamic connections' normed projection p = (x·Wᵀ)·r, r = 1/rms(x) per row
+    (x the streams (n·tok, d), W (n+2, d)), whose backward adds
+    ∂x = r·(∂p·W) − x·(r²/d)·Σⱼ ∂pⱼ·pⱼ (r's derivative is −r³x/d) in place into the stream
+    gradient the read and write left in the slot, and returns it: autograd's graph of the
+    norm and the product writes ∂x three times over and sums the copies."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, weights_t: Tensor, inverse_rms: Callable[[Tensor], Tensor],
+        slot: GradSlot,
+    ) -> Tensor:
+        r = inverse_rms(x)
+        proj = torch.mm(x, weights_t.t()).mul_(r)
+        ctx.save_for_backward(x, weights_t, r, proj)
+        ctx.slot = slot
+        return proj
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
+        x, weights_t, r, proj = ctx.saved_tensors
+        stream_grad, ctx.slot.grad = ctx.slot.grad, None
+        flat = torch.zeros_like(x) if stream_grad is None else stream_grad.view(x.shape)
+        scaled = grad * r
+        correction = (grad * proj).sum(-1, keepdim=True).mul_(r.square()).div_(-x.shape[-1])
+        flat.addmm_(scaled, weights_t).add_(x * correction)
+        return flat, scaled.t() @ x, None, None
 
 
 class _Read(torch.autograd.Function):

@@ -45,25 +45,31 @@ class _Sinkhorn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, logits: torch.Tensor, iters: int) -> torch.Tensor:
-        m = (logits - logits.amax(-2, keepdim=True)).exp()
+        # Iterated with the matrices' entries first, (n, n, …): sums over outer dimensions
+        # run over contiguous rows, where sums over the last two of (…, n, n) run n-long
+        # reductions a matrix at a time (per token, 4× the forward's time at n = 4).
+        x = logits.movedim((-2, -1), (0, 1)).contiguous()
+        m = (x - x.amax(0, keepdim=True)).exp()
         saved = []
         for _ in range(iters):
-            for dim in (-2, -1):
+            for dim in (0, 1):
                 total = m.sum(dim, keepdim=True)
                 m = m / total
                 saved += [m, total]
         ctx.save_for_backward(*saved)
         ctx.iters = iters
-        return m
+        return m.movedim((0, 1), (-2, -1))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         saved = ctx.saved_tensors
+        grad = grad.movedim((-2, -1), (0, 1)).contiguous()
         for k in range(2 * ctx.iters - 1, -1, -1):
-            y, total, dim = saved[2 * k], saved[2 * k + 1], -2 if k % 2 == 0 else -1
+            y, total, dim = saved[2 * k], saved[2 * k + 1], k % 2
             grad = (grad - (grad * y).sum(dim, keepdim=True)) / total
-        return grad * saved[0] * saved[1], None  # through exp (the shift cancels)
+        # through exp (the shift cancels)
+        return (grad * saved[0] * saved[1]).movedim((0, 1), (-2, -1)), None
 
 
 def sinkhorn_flops(n: int, iters: int) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -21,6 +21,15 @@ aten = torch.ops.aten
 
 def _outer_product(self_shape, vec1_shape, vec2_shape, *_, **__) -> int:
     return 2 * vec1_shape[0] * vec2_shape[0]
+
+
+def _in_place_product(self_shape, mat1_shape, mat2_shape, *_, **__) -> int:
+    return 2 * mat1_shape[0] * mat1_shape[1] * mat2_shape[1]
+
+
+def _multiply_add(self_shape, *_, **__) -> int:
+    """addcmul_: one multiply-add per element of the result."""
+    return 2 * math.prod(self_shape)
 
 
 def _matrix_vector(mat_shape, vec_shape, *_, **__) -> int:
@@ -41,18 +50,25 @@ EXTRA_FORMULAS = {
     aten._embedding_bag_per_sample_weights_backward: _gathered_dots,
     aten.addr: _outer_product,
     aten.addr_: _outer_product,
+    aten.addmm_: _in_place_product,
     aten.mv: _matrix_vector,
     aten._embedding_bag: _weighted_bag,
     aten._embedding_bag_forward_only: _weighted_bag,
 }
 
 
-def count_flops(fn: Callable[[], object]) -> FlopCounterMode:
+# The per-token (dynamic) hyper-connections apply their batched outer products B ⊗ y and
+# A_m ⊗ ∂h₀ as broadcast addcmul_ over the stream; counted only where asked, since an
+# optimizer step's addcmul_ (Adam's second moment) is not a product of the model.
+OUTER_PRODUCTS_AS_MULTIPLY_ADDS = {aten.addcmul_: _multiply_add}
+
+
+def count_flops(fn: Callable[[], object], extra: Mapping = {}) -> FlopCounterMode:
     # FlopCounterMode has no formula for the CPU flash-attention kernel, so attention runs
     # on the math backend here, whose matmuls it counts (the CUDA kernels it counts as is).
     with (
         sdpa_kernel([SDPBackend.MATH]),
-        FlopCounterMode(display=False, custom_mapping=EXTRA_FORMULAS) as counter,
+        FlopCounterMode(display=False, custom_mapping={**EXTRA_FORMULAS, **extra}) as counter,
     ):
         fn()
     return counter
@@ -87,12 +103,12 @@ class CandidateSums(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def flop_clock(module: types.ModuleType) -> Iterator[FlopCounterMode]:
+def flop_clock(module: types.ModuleType, extra: Mapping = {}) -> Iterator[FlopCounterMode]:
     """Within it, `module`'s `time.perf_counter` reads the FLOPs executed so far: a clock
     that ticks with the work done, so a benchmark's time ratios become work ratios."""
     with (
         sdpa_kernel([SDPBackend.MATH]),
-        FlopCounterMode(display=False, custom_mapping=EXTRA_FORMULAS) as counter,
+        FlopCounterMode(display=False, custom_mapping={**EXTRA_FORMULAS, **extra}) as counter,
     ):
         clock = types.SimpleNamespace(perf_counter=lambda: float(counter.get_total_flops()))
         saved, module.time = module.time, clock  # type: ignore[attr-defined]
