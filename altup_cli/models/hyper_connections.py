@@ -139,9 +139,11 @@ def token_read(flat: Tensor, read: Tensor) -> Tensor:
 def token_write(flat: Tensor, mix: Tensor, write: Tensor, y: Tensor) -> Tensor:
     """H'ᵤ[t] = Σₛ A_r[t, s, u]·Hₛ[t] + B[t, u]·y[t]: mix (tok, n, n), write (tok, n),
     y (tok, d) → (n, tok, d)."""
-    out = torch.empty_like(flat)
-    per_target = mix.transpose(1, 2).contiguous()  # (tok, u, s)
-    _rowwise(per_target, flat.transpose(0, 1), out)
+    if torch.is_grad_enabled():  # torch.compile's training graph: out= has no derivative
+        out = torch.einsum("tsu,std->utd", mix, flat).contiguous()
+    else:
+        out = torch.empty_like(flat)
+        _rowwise(mix.transpose(1, 2).contiguous(), flat.transpose(0, 1), out)  # (tok, u, s)
     return out.addcmul_(write.t().unsqueeze(-1), y)  # + B ⊗ y, token by token
 
 
