@@ -196,6 +196,30 @@ def test_gradients_reach_every_connection_parameter(variant: str, at_init: bool)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_training_compiled_and_no_grad_paths_agree(variant: str) -> None:
+    """The connections run three ways: autograd Functions with hand-written backwards
+    (training), plain differentiable ops (torch.compile's training graph, aot_eager here),
+    and plain no-grad ops (evaluation, decoding). Same logits and, for the first two, the
+    same gradients (fp64)."""
+    m = randomised(VARIANTS[variant]).train()
+
+    def grads(model: torch.nn.Module) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        m.zero_grad()
+        logits = model(IDS)
+        F.cross_entropy(logits.flatten(0, 1), IDS.flatten()).backward()
+        return logits.detach(), [p.grad.clone() for p in m.parameters()]
+
+    logits, eager = grads(m)
+    compiled_logits, compiled = grads(torch.compile(m, backend="aot_eager"))
+    with torch.no_grad():
+        plain = m(IDS)
+    torch.testing.assert_close(compiled_logits, logits, rtol=0, atol=1e-12)
+    torch.testing.assert_close(plain, logits, rtol=0, atol=1e-12)
+    for a, b in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_causal(variant: str) -> None:
     m = randomised(VARIANTS[variant])
     with torch.no_grad():
