@@ -120,9 +120,7 @@ class _TakeBlock(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        stream_grad, ctx.slot.grad = ctx.slot.grad, None
-        if stream_grad is None:
-            stream_grad = grad.new_zeros(ctx.shape)
+        stream_grad = ctx.slot.take(ctx.shape, grad)
         stream_grad[ctx.block] += grad
         return stream_grad, None, None
 

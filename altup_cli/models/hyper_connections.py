@@ -173,9 +173,7 @@ class _TokenRead(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor, None]:
         flat, read = ctx.saved_tensors
-        stream_grad = ctx.slot.grad
-        if stream_grad is None:
-            stream_grad = torch.zeros_like(flat)
+        stream_grad = ctx.slot.take(flat.shape, flat)
         grad_read = torch.bmm(flat.transpose(0, 1), grad.unsqueeze(-1)).squeeze(-1)
         ctx.slot.grad = stream_grad.addcmul_(read.t().unsqueeze(-1), grad)
         return None, grad_read, None  # the stream's gradient: `_Projection`'s to return
@@ -228,8 +226,7 @@ class _Projection(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
         x, weights_t, r, proj = ctx.saved_tensors
-        stream_grad, ctx.slot.grad = ctx.slot.grad, None
-        flat = torch.zeros_like(x) if stream_grad is None else stream_grad.view(x.shape)
+        flat = ctx.slot.take(x.shape, x).view(x.shape)
         scaled = grad * r
         correction = (grad * proj).sum(-1, keepdim=True).mul_(r.square()).div_(-x.shape[-1])
         flat.addmm_(scaled, weights_t).add_(x * correction)
@@ -252,10 +249,7 @@ class _Read(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
         flat, read = ctx.saved_tensors
-        stream_grad, ctx.slot.grad = ctx.slot.grad, None
-        if stream_grad is None:
-            stream_grad = torch.zeros_like(flat)
-        return stream_grad.addr_(read, grad), flat @ grad, None
+        return ctx.slot.take(flat.shape, flat).addr_(read, grad), flat @ grad, None
 
 
 class _Write(torch.autograd.Function):

@@ -40,6 +40,11 @@ class GradSlot:
 
     grad: torch.Tensor | None = None
 
+    def take(self, shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
+        """The stream gradient left here (the slot emptied), or zeros of `shape` if none."""
+        grad, self.grad = self.grad, None
+        return like.new_zeros(shape) if grad is None else grad
+
 
 class StreamLayer(nn.Module):
     """A wrapped layer (`self.layer`) whose own parameters `.to(bf16)`, `.half()` and
