@@ -42,7 +42,9 @@ class RMSNorm(nn.Module):
 
     def inverse_rms(self, x32: torch.Tensor) -> torch.Tensor:
         """1 / rms(x) over the last dim (with eps), kept for broadcasting."""
-        return torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        # mean(x²) as ‖x‖²/d: vector_norm reads x once and writes no x²-sized temporary.
+        norm = torch.linalg.vector_norm(x32, dim=-1, keepdim=True)
+        return torch.rsqrt(norm.square() / x32.shape[-1] + self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = fp32(x)
