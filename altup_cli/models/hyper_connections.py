@@ -1,9 +1,11 @@
 """Hyper-Connections (Zhu et al., ICLR 2025, arXiv 2409.19606): `altup.mode=hc`.
 
-The residual stream is n = `altup.K` copies of width d, held stream-first as (n, B, T, d)
-like AltUp's blocks: `widen` copies the embedding n times, the read-out sums the streams
-(`altup.readout`, default sum, as the paper and the public package do). Each sub-layer T of
-a Block (attention, and separately the FFN) is wrapped by its own `Connection`:
+The residual stream is n = `altup.K` copies of width d, shaped stream-first as (n, B, T, d)
+like AltUp's blocks (dynamic connections keep its memory token-first, (B, T, n, d) viewed
+as (n, B, T, d), so each token's n×d slab is contiguous for the per-token bmm): `widen`
+copies the embedding n times, the read-out sums the streams (`altup.readout`, default sum,
+as the paper and the public package do). Each sub-layer T of a Block (attention, and
+separately the FFN) is wrapped by its own `Connection`:
 
   width   [h₀ | H'] = αᵀH,  α = [A_m | A_r] ∈ R^{n×(n+1)}  (h₀ = Σₛ A_m[s]·Hₛ, T's input)
   depth   H'ₜ ← H'ₜ + B[t] · T(h₀)                             (B ∈ Rⁿ)
@@ -74,8 +76,14 @@ class Connection(StreamLayer):
         given the stream h (n, B, T, d); `slot`: the training path's (see `_Projection`)."""
         if h is None or not self.dynamic:
             return self.constrain(self.width, self.depth)
-        n, d = self.n, h.shape[-1]
-        flat = fp32(h).reshape(-1, d)  # (n·tok, d): each stream normed alone
+        return self.token_connections(token_first(fp32(h)), slot)
+
+    def token_connections(
+        self, tokens: Tensor, slot: GradSlot | None
+    ) -> tuple[Tensor, Tensor]:
+        """The dynamic α and B of the streams held token-first, (tok, n, d)."""
+        n, d = self.n, tokens.shape[-1]
+        flat = tokens.view(-1, d)  # (tok·n, d): each stream normed alone
         # norm(h)·W = (h·(g ⊙ W)) / rms(h): the RMSNorm folded into one product for both
         # projections (A_m, A_r's n columns and B's one), so the normed n-wide stream is
         # never written out. W is applied as its (n+2, d) transpose, the faster layout.
@@ -85,7 +93,7 @@ class Connection(StreamLayer):
             proj = (flat @ weights_t.t()) * self.norm.inverse_rms(flat)
         else:
             proj = _Projection.apply(flat, weights_t, self.norm.inverse_rms, slot)
-        proj = proj.view(n, -1, n + 2).transpose(0, 1)  # (tok, n, n+2)
+        proj = proj.view(-1, n, n + 2)  # (tok, n, n+2)
         wc, dc = self.dynamic_part(proj[..., : n + 1], proj[..., n + 1])
         return self.constrain(self.width + wc, self.depth + dc)
 
@@ -96,10 +104,12 @@ class Connection(StreamLayer):
             # The training path: hand-written backwards that sum the stream's gradients
             # in place, handed on through the slot (write → read → dynamic projection).
             slot = GradSlot() if training else None
-            alpha, beta = self.connections(h32 if self.dynamic else None, slot)
-            if alpha.ndim == 2:
+            if not self.dynamic:
+                alpha, beta = self.connections()
                 return self._static(h, h32, alpha, beta, branch, slot)
-            return self._per_token(h, h32, alpha, beta, branch, slot)
+            tokens = token_first(h32)
+            alpha, beta = self.token_connections(tokens, slot)
+            return self._per_token(h, tokens, alpha, beta, branch, slot)
 
     def _static(
         self, h: Tensor, h32: Tensor, alpha: Tensor, beta: Tensor, branch: Branch,
@@ -116,91 +126,90 @@ class Connection(StreamLayer):
         return out.view(h.shape).type_as(h)
 
     def _per_token(
-        self, h: Tensor, h32: Tensor, alpha: Tensor, beta: Tensor, branch: Branch,
+        self, h: Tensor, tokens: Tensor, alpha: Tensor, beta: Tensor, branch: Branch,
         slot: GradSlot | None,
     ) -> Tensor:
-        n, d = self.n, h.shape[-1]
-        flat = h32.reshape(n, -1, d)  # (n, tok, d)
+        d = h.shape[-1]
         if slot is not None:
-            h0 = _TokenRead.apply(flat, alpha[..., 0], slot)
-            y = branch(h0.view(h.shape[1:]).type_as(h))
-            out = _TokenWrite.apply(flat, alpha[..., 1:], beta, fp32(y).reshape(-1, d), slot)
-            return out.view(h.shape).type_as(h)
-        y = branch(token_read(flat, alpha[..., 0]).view(h.shape[1:]).type_as(h))
-        out = token_write(flat, alpha[..., 1:], beta, fp32(y).reshape(-1, d))
-        return out.view(h.shape).type_as(h)
+            h0 = _TokenRead.apply(tokens, alpha[..., 0], slot)
+            y = fp32(branch(h0.view(h.shape[1:]).type_as(h))).reshape(-1, d)
+            out = _TokenWrite.apply(tokens, alpha[..., 1:], beta, y, slot)
+        else:
+            y = branch(token_read(tokens, alpha[..., 0]).view(h.shape[1:]).type_as(h))
+            out = token_write(tokens, alpha[..., 1:], beta, fp32(y).reshape(-1, d))
+        return stream_first(out, h.shape).type_as(h)
 
 
-def token_read(flat: Tensor, read: Tensor) -> Tensor:
-    """h₀[t] = Σₛ A_m[t, s]·Hₛ[t]: streams (n, tok, d), per-token reads (tok, n) → (tok, d)."""
-    return torch.bmm(read.contiguous().unsqueeze(1), flat.transpose(0, 1)).squeeze(1)
+def token_first(h: Tensor) -> Tensor:
+    """The streams (n, B, T, d) as (tok, n, d): a view when their memory is token-first,
+    as the dynamic connections write them, else a copy (the widened embedding). Per token,
+    the n × d block is then one contiguous matrix: each per-token product below is one
+    batched matmul over contiguous memory, where the stream-first layout made the write
+    one product per output stream, each a pass over the whole n-wide stream."""
+    n, d = h.shape[0], h.shape[-1]
+    return h.movedim(0, -2).reshape(-1, n, d).contiguous()
 
 
-def token_write(flat: Tensor, mix: Tensor, write: Tensor, y: Tensor) -> Tensor:
-    """H'ᵤ[t] = Σₛ A_r[t, s, u]·Hₛ[t] + B[t, u]·y[t]: mix (tok, n, n), write (tok, n),
-    y (tok, d) → (n, tok, d)."""
-    if torch.is_grad_enabled():  # torch.compile's training graph: out= has no derivative
-        out = torch.einsum("tsu,std->utd", mix, flat).contiguous()
-    else:
-        out = torch.empty_like(flat)
-        _rowwise(mix.transpose(1, 2).contiguous(), flat.transpose(0, 1), out)  # (tok, u, s)
-    return out.addcmul_(write.t().unsqueeze(-1), y)  # + B ⊗ y, token by token
+def stream_first(tokens: Tensor, shape: torch.Size) -> Tensor:
+    """(tok, n, d) → the logical stream shape (n, B, T, d), its memory left token-first."""
+    return tokens.view(*shape[1:-1], *tokens.shape[1:]).movedim(-2, 0)
 
 
-def _rowwise(coefficients: Tensor, per_token: Tensor, out: Tensor) -> None:
-    """out[i][t] = coefficients[t, i] · per_token[t] for (tok, m, k) coefficients, (tok, k, d)
-    streams and (m, tok, d) out: one (tok, 1, k) × (tok, k, d) product per output stream
-    written in place (a single (tok, m, d) product into a stream-first output runs matrix
-    by matrix, and an einsum copies its result)."""
-    for i in range(out.shape[0]):
-        torch.bmm(coefficients[:, i : i + 1], per_token, out=out[i].unsqueeze(1))
+def token_read(tokens: Tensor, read: Tensor) -> Tensor:
+    """h₀[t] = Σₛ A_m[t, s]·H[t, s]: streams (tok, n, d), per-token reads (tok, n) → (tok, d)."""
+    # Coefficients made contiguous: bmm runs a strided batch matrix by matrix.
+    return torch.bmm(read.contiguous().unsqueeze(1), tokens).squeeze(1)
+
+
+def token_write(tokens: Tensor, mix: Tensor, write: Tensor, y: Tensor) -> Tensor:
+    """H'[t, u] = Σₛ A_r[t, s, u]·H[t, s] + B[t, u]·y[t]: streams (tok, n, d), mix
+    (tok, n, n), write (tok, n), y (tok, d) → (tok, n, d)."""
+    out = torch.bmm(mix.transpose(1, 2).contiguous(), tokens)
+    return out.addcmul_(write.unsqueeze(-1), y.unsqueeze(1))  # + B ⊗ y, token by token
 
 
 class _TokenRead(torch.autograd.Function):
     """`token_read`; its backward adds A_m[t, s]·∂h₀[t] in place into the stream gradient
     `_TokenWrite.backward` left in the slot and leaves it there for `_Projection`, which
     runs last (its output, the connections, feeds both). Autograd's graph of the one
-    product [h₀; H'] = αᵀH zero-filled an (n+1)-row gradient, and its per-token products
-    ran matrix by matrix on transposed views."""
+    product [h₀; H'] = αᵀH zero-filled an (n+1)-row gradient."""
 
     @staticmethod
-    def forward(ctx: Any, flat: Tensor, read: Tensor, slot: GradSlot) -> Tensor:
-        ctx.save_for_backward(flat, read)
+    def forward(ctx: Any, tokens: Tensor, read: Tensor, slot: GradSlot) -> Tensor:
+        ctx.save_for_backward(tokens, read)
         ctx.slot = slot
-        return token_read(flat, read)
+        return token_read(tokens, read)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor, None]:
-        flat, read = ctx.saved_tensors
-        stream_grad = ctx.slot.take(flat.shape, flat)
-        grad_read = torch.bmm(flat.transpose(0, 1), grad.unsqueeze(-1)).squeeze(-1)
-        ctx.slot.grad = stream_grad.addcmul_(read.t().unsqueeze(-1), grad)
+        tokens, read = ctx.saved_tensors
+        stream_grad = ctx.slot.take(tokens.shape, tokens)
+        grad_read = torch.bmm(tokens, grad.unsqueeze(-1)).squeeze(-1)
+        ctx.slot.grad = stream_grad.addcmul_(read.unsqueeze(-1), grad.unsqueeze(1))
         return None, grad_read, None  # the stream's gradient: `_Projection`'s to return
 
 
 class _TokenWrite(torch.autograd.Function):
-    """`token_write`; the stream's gradient ∂Hₛ[t] = Σᵤ A_r[t, s, u]·∂H'ᵤ[t] goes to
+    """`token_write`; the stream's gradient ∂H[t, s] = Σᵤ A_r[t, s, u]·∂H'[t, u] goes to
     `_TokenRead` through the slot."""
 
     @staticmethod
     def forward(
-        ctx: Any, flat: Tensor, mix: Tensor, write: Tensor, y: Tensor, slot: GradSlot
+        ctx: Any, tokens: Tensor, mix: Tensor, write: Tensor, y: Tensor, slot: GradSlot
     ) -> Tensor:
-        ctx.save_for_backward(flat, mix, write, y)
+        ctx.save_for_backward(tokens, mix, write, y)
         ctx.slot = slot
-        return token_write(flat, mix, write, y)
+        return token_write(tokens, mix, write, y)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor, Tensor, Tensor, None]:
-        flat, mix, write, y = ctx.saved_tensors
-        per_token = grad.contiguous().transpose(0, 1)  # (tok, n, d)
-        ctx.slot.grad = torch.empty_like(flat)
-        _rowwise(mix, per_token, ctx.slot.grad)  # ∂Hₛ = Σᵤ A_r[s, u]·∂H'ᵤ
-        grad_mix = torch.bmm(flat.transpose(0, 1), per_token.transpose(1, 2))
-        grad_write = torch.bmm(per_token, y.unsqueeze(-1)).squeeze(-1)
-        grad_y = torch.bmm(write.contiguous().unsqueeze(1), per_token).squeeze(1)
+        tokens, mix, write, y = ctx.saved_tensors
+        ctx.slot.grad = torch.bmm(mix.contiguous(), grad)  # ∂H = A_r·∂H'
+        grad_mix = torch.bmm(tokens, grad.transpose(1, 2))
+        grad_write = torch.bmm(grad, y.unsqueeze(-1)).squeeze(-1)
+        grad_y = torch.bmm(write.contiguous().unsqueeze(1), grad).squeeze(1)
         return None, grad_mix, grad_write, grad_y, None
 
 
@@ -229,7 +238,7 @@ class _Projection(torch.autograd.Function):
         flat = ctx.slot.take(x.shape, x).view(x.shape)
         scaled = grad * r
         correction = (grad * proj).sum(-1, keepdim=True).mul_(r.square()).div_(-x.shape[-1])
-        flat.addmm_(scaled, weights_t).add_(x * correction)
+        flat.addmm_(scaled, weights_t).addcmul_(x, correction)
         return flat, scaled.t() @ x, None, None
 
 

@@ -27,8 +27,13 @@ def _in_place_product(self_shape, mat1_shape, mat2_shape, *_, **__) -> int:
     return 2 * mat1_shape[0] * mat1_shape[1] * mat2_shape[1]
 
 
-def _multiply_add(self_shape, *_, **__) -> int:
-    """addcmul_: one multiply-add per element of the result."""
+def _broadcast_outer_product(self_shape, factor1_shape, factor2_shape, *_, **__) -> int:
+    """addcmul_ whose two factors both broadcast, a batched outer product (an mm with an
+    inner dim of 1): a multiply-add per element of the result. With a full-size factor it
+    is a scaling, elementwise work like any norm's, which FlopCounterMode never counts."""
+    full = list(self_shape)
+    if list(factor1_shape) == full or list(factor2_shape) == full:
+        return 0
     return 2 * math.prod(self_shape)
 
 
@@ -60,7 +65,7 @@ EXTRA_FORMULAS = {
 # The per-token (dynamic) hyper-connections apply their batched outer products B ⊗ y and
 # A_m ⊗ ∂h₀ as broadcast addcmul_ over the stream; counted only where asked, since an
 # optimizer step's addcmul_ (Adam's second moment) is not a product of the model.
-OUTER_PRODUCTS_AS_MULTIPLY_ADDS = {aten.addcmul_: _multiply_add}
+OUTER_PRODUCTS_AS_MULTIPLY_ADDS = {aten.addcmul_: _broadcast_outer_product}
 
 
 def count_flops(fn: Callable[[], object], extra: Mapping = {}) -> FlopCounterMode:
