@@ -205,7 +205,7 @@ def bench(
     steps: int = typer.Option(20, help="lightning, altup: timed optimizer steps."),
     warmup: int = typer.Option(5, help="lightning, altup: untimed steps before them."),
     repeats: int = typer.Option(
-        3, help="lightning: alternating repetitions; peer: interleaved rounds."
+        3, help="lightning: alternating repetitions; peer, decode: interleaved rounds."
     ),
     batch_size: int = typer.Option(
         16, help="Sequences per step (peer: of its full training step, 4 unless given)."
