@@ -127,7 +127,7 @@ class KVCache:
         device: torch.device,
     ) -> None:
         self.max_len, self.static, self.length = max_len, static, 0
-        self.head: torch.Tensor | None = None  # the LM head the model's decode reads, if its own
+        self.head: torch.Tensor | None = None  # a tied head's contiguous copy (`new_cache`)
         self.pads = torch.tensor(list(pads), dtype=torch.long, device=device)
         padded = any(p > 0 for p in pads)
         self.layers = [
